@@ -1,0 +1,5 @@
+import sys
+
+from services.action_runner.service import main
+
+sys.exit(main())

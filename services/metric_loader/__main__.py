@@ -1,0 +1,5 @@
+import sys
+
+from services.metric_loader.service import main
+
+sys.exit(main())

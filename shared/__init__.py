@@ -1,0 +1,1 @@
+"""Code shared by the four hasoffers-kpi services: settings, schema, event contracts, the bus."""

@@ -1,0 +1,387 @@
+"""The database schema (typed SQLAlchemy 2.0) and engine construction.
+
+Alembic owns the schema: migrations in migrations/ create these tables and a test
+asserts that they agree with the models here. Table and column names of the tables
+operators seed with SQL are public (DESIGN.md section 3).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Double,
+    Engine,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    func,
+    text,
+)
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+logger = logging.getLogger(__name__)
+
+STATUSES = ("OK", "PROBLEM")
+OPERATORS = ("lt", "le", "gt", "ge", "eq", "ne")
+THRESHOLD_SCOPES = ("offer_category", "offer", "affiliate", "offer_affiliate")
+OPERATION_KINDS = (
+    "email_affiliate",
+    "email_affiliate_manager",
+    "email_administrators",
+    "approve_affiliate",
+    "reject_affiliate",
+)
+RUN_STATUSES = ("pending", "succeeded", "failed", "skipped")
+LOAD_RUN_STATUSES = ("requested", "running", "succeeded", "failed")
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(
+        naming_convention={
+            "ix": "ix_%(column_0_label)s",
+            "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+            "ck": "ck_%(table_name)s_%(constraint_name)s",
+            "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+            "pk": "pk_%(table_name)s",
+        }
+    )
+
+
+TZ = DateTime(timezone=True)
+
+
+# --- Trigger definitions (seeded by operators) -------------------------------------
+
+
+class Metric(Base):
+    __tablename__ = "metrics"
+    key: Mapped[str] = mapped_column(Text, primary_key=True)
+    title: Mapped[str | None] = mapped_column(Text)
+
+
+class Trigger(Base):
+    __tablename__ = "triggers"
+    __table_args__ = (CheckConstraint(_in("operator", OPERATORS), name="operator"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(Text, unique=True)
+    metric_key: Mapped[str] = mapped_column(Text, ForeignKey("metrics.key"))
+    operator: Mapped[str] = mapped_column(Text)
+    threshold: Mapped[float | None] = mapped_column(Double)
+    active: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
+
+
+class TriggerThreshold(Base):
+    """One threshold per scope target; the ids that the scope needs, and only those, are set."""
+
+    __tablename__ = "trigger_thresholds"
+    __table_args__ = (
+        CheckConstraint(_in("scope", THRESHOLD_SCOPES), name="scope"),
+        CheckConstraint(
+            "(scope = 'offer_category' AND category_id IS NOT NULL AND offer_id IS NULL AND affiliate_id IS NULL)"
+            " OR (scope = 'offer' AND offer_id IS NOT NULL AND category_id IS NULL AND affiliate_id IS NULL)"
+            " OR (scope = 'affiliate' AND affiliate_id IS NOT NULL AND category_id IS NULL AND offer_id IS NULL)"
+            " OR (scope = 'offer_affiliate' AND offer_id IS NOT NULL AND affiliate_id IS NOT NULL"
+            " AND category_id IS NULL)",
+            name="scope_target",
+        ),
+        UniqueConstraint(
+            "trigger_id", "scope", "category_id", "offer_id", "affiliate_id",
+            name="uq_trigger_thresholds_target",
+            postgresql_nulls_not_distinct=True,
+        ),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    trigger_id: Mapped[int] = mapped_column(ForeignKey("triggers.id", ondelete="CASCADE"))
+    scope: Mapped[str] = mapped_column(Text)
+    category_id: Mapped[int | None] = mapped_column(Integer)
+    offer_id: Mapped[int | None] = mapped_column(Integer)
+    affiliate_id: Mapped[int | None] = mapped_column(Integer)
+    value: Mapped[float] = mapped_column(Double)
+
+
+class Operation(Base):
+    __tablename__ = "operations"
+    __table_args__ = (CheckConstraint(_in("kind", OPERATION_KINDS), name="kind"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(Text, unique=True)
+    kind: Mapped[str] = mapped_column(Text)
+    subject: Mapped[str | None] = mapped_column(Text)
+    body: Mapped[str | None] = mapped_column(Text)
+
+
+class Action(Base):
+    __tablename__ = "actions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(Text, unique=True)
+    active: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
+
+
+class ActionCondition(Base):
+    __tablename__ = "action_conditions"
+    __table_args__ = (CheckConstraint(_in("trigger_status", STATUSES), name="trigger_status"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    action_id: Mapped[int] = mapped_column(ForeignKey("actions.id", ondelete="CASCADE"))
+    trigger_id: Mapped[int] = mapped_column(ForeignKey("triggers.id"), index=True)
+    trigger_status: Mapped[str] = mapped_column(Text)
+
+
+class ActionOperation(Base):
+    __tablename__ = "action_operations"
+    action_id: Mapped[int] = mapped_column(ForeignKey("actions.id", ondelete="CASCADE"), primary_key=True)
+    operation_id: Mapped[int] = mapped_column(ForeignKey("operations.id"), primary_key=True)
+
+
+class Administrator(Base):
+    __tablename__ = "administrators"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    email: Mapped[str] = mapped_column(Text, unique=True)
+    active: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
+
+
+# --- Reference data (loaded from HasOffers, or seeded by hand) ----------------------
+
+
+class Offer(Base):
+    """An offer. name/status/require_approval come from HasOffers; the rest are local
+    settings that a reference refresh never overwrites."""
+
+    __tablename__ = "offers"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    name: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str | None] = mapped_column(Text)
+    require_approval: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    monitoring: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
+    # Local settings: the goal whose conversions the gtr metric tracks, and per-offer
+    # minimums (NULL = fall back to the category, then to the general configuration).
+    tracked_goal_id: Mapped[int | None] = mapped_column(Integer)
+    min_clicks: Mapped[int | None] = mapped_column(Integer)
+    min_conversions: Mapped[int | None] = mapped_column(Integer)
+    updated_at: Mapped[datetime] = mapped_column(TZ, server_default=func.now())
+
+
+class OfferCategory(Base):
+    __tablename__ = "offer_categories"
+    offer_id: Mapped[int] = mapped_column(ForeignKey("offers.id", ondelete="CASCADE"), primary_key=True)
+    category_id: Mapped[int] = mapped_column(Integer, primary_key=True, index=True)
+
+
+class Category(Base):
+    """Offer categories by name, with the category-scoped minimum clicks."""
+
+    __tablename__ = "categories"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    name: Mapped[str | None] = mapped_column(Text)
+    min_clicks: Mapped[int | None] = mapped_column(Integer)
+
+
+class Goal(Base):
+    __tablename__ = "goals"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    offer_id: Mapped[int] = mapped_column(Integer, index=True)
+    name: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str | None] = mapped_column(Text)
+
+
+class ConversionCap(Base):
+    __tablename__ = "conversion_caps"
+    offer_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    affiliate_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    conversion_cap: Mapped[int] = mapped_column(Integer)
+
+
+class Affiliate(Base):
+    __tablename__ = "affiliates"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    company: Mapped[str | None] = mapped_column(Text)
+    account_manager_id: Mapped[int | None] = mapped_column(Integer)
+    status: Mapped[str | None] = mapped_column(Text)
+
+
+class AffiliateUser(Base):
+    __tablename__ = "affiliate_users"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    affiliate_id: Mapped[int] = mapped_column(Integer, index=True)
+    email: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str | None] = mapped_column(Text)
+
+
+class Employee(Base):
+    __tablename__ = "employees"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    email: Mapped[str | None] = mapped_column(Text)
+    secondary_email: Mapped[str | None] = mapped_column(Text)
+    use_secondary: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    status: Mapped[str | None] = mapped_column(Text)
+
+
+class LoadRun(Base):
+    """One load of a metric (or of the reference data), from request to outcome."""
+
+    __tablename__ = "load_runs"
+    __table_args__ = (CheckConstraint(_in("status", LOAD_RUN_STATUSES), name="status"),)
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    # The request's event_id: a redelivered request finds its run instead of starting another.
+    request_event_id: Mapped[str] = mapped_column(String(64), unique=True)
+    metric_key: Mapped[str] = mapped_column(Text)
+    lookback_hours: Mapped[int] = mapped_column(Integer)
+    # Set by the schedule: one run per (metric_key, slot), whichever replica asks first.
+    schedule_slot: Mapped[datetime | None] = mapped_column(TZ)
+    status: Mapped[str] = mapped_column(Text)
+    measured_at: Mapped[datetime | None] = mapped_column(TZ)
+    requested_at: Mapped[datetime] = mapped_column(TZ, server_default=func.now())
+    started_at: Mapped[datetime | None] = mapped_column(TZ)
+    finished_at: Mapped[datetime | None] = mapped_column(TZ)
+    rows_read: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    values_published: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+Index(
+    "uq_load_runs_schedule_slot",
+    LoadRun.metric_key,
+    LoadRun.schedule_slot,
+    unique=True,
+    postgresql_where=LoadRun.schedule_slot.isnot(None),
+)
+
+
+# --- What the system writes -----------------------------------------------------------
+
+
+class MetricValue(Base):
+    __tablename__ = "metric_values"
+    __table_args__ = (UniqueConstraint("metric_key", "offer_id", "affiliate_id", "measured_at"),)
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    metric_key: Mapped[str] = mapped_column(Text, ForeignKey("metrics.key"))
+    offer_id: Mapped[int] = mapped_column(Integer)
+    affiliate_id: Mapped[int] = mapped_column(Integer)
+    value: Mapped[float] = mapped_column(Double)
+    measured_at: Mapped[datetime] = mapped_column(TZ)
+    received_at: Mapped[datetime] = mapped_column(TZ, server_default=func.now())
+    event_id: Mapped[str | None] = mapped_column(String(64))
+
+
+class TriggerCheck(Base):
+    __tablename__ = "trigger_checks"
+    __table_args__ = (
+        UniqueConstraint("trigger_id", "offer_id", "affiliate_id", "measured_at"),
+        CheckConstraint(_in("status", STATUSES), name="status"),
+    )
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    trigger_id: Mapped[int] = mapped_column(ForeignKey("triggers.id", ondelete="CASCADE"))
+    offer_id: Mapped[int] = mapped_column(Integer)
+    affiliate_id: Mapped[int] = mapped_column(Integer)
+    value: Mapped[float] = mapped_column(Double)
+    threshold: Mapped[float] = mapped_column(Double)
+    status: Mapped[str] = mapped_column(Text)
+    measured_at: Mapped[datetime] = mapped_column(TZ)
+    checked_at: Mapped[datetime] = mapped_column(TZ, server_default=func.now())
+
+
+class TriggerState(Base):
+    __tablename__ = "trigger_states"
+    __table_args__ = (
+        PrimaryKeyConstraint("trigger_id", "offer_id", "affiliate_id"),
+        CheckConstraint(_in("status", STATUSES), name="status"),
+    )
+    trigger_id: Mapped[int] = mapped_column(ForeignKey("triggers.id", ondelete="CASCADE"))
+    offer_id: Mapped[int] = mapped_column(Integer)
+    affiliate_id: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(Text)
+    # When the pair entered this status (measured_at of the check that changed it).
+    since: Mapped[datetime] = mapped_column(TZ)
+    measured_at: Mapped[datetime] = mapped_column(TZ)
+    check_id: Mapped[int] = mapped_column(BigInteger)
+    value: Mapped[float | None] = mapped_column(Double)
+    threshold: Mapped[float | None] = mapped_column(Double)
+    updated_at: Mapped[datetime] = mapped_column(TZ, server_default=func.now())
+
+
+class TriggerEvent(Base):
+    __tablename__ = "trigger_events"
+    __table_args__ = (
+        UniqueConstraint("check_id"),
+        CheckConstraint(_in("status", STATUSES), name="status"),
+        CheckConstraint(f"previous_status IS NULL OR {_in('previous_status', STATUSES)}", name="previous_status"),
+        Index("ix_trigger_events_pair", "trigger_id", "offer_id", "affiliate_id"),
+    )
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    trigger_id: Mapped[int] = mapped_column(ForeignKey("triggers.id", ondelete="CASCADE"))
+    offer_id: Mapped[int] = mapped_column(Integer)
+    affiliate_id: Mapped[int] = mapped_column(Integer)
+    previous_status: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(Text)
+    check_id: Mapped[int] = mapped_column(BigInteger)
+    value: Mapped[float | None] = mapped_column(Double)
+    threshold: Mapped[float | None] = mapped_column(Double)
+    measured_at: Mapped[datetime] = mapped_column(TZ)
+    created_at: Mapped[datetime] = mapped_column(TZ, server_default=func.now())
+
+
+class OperationRun(Base):
+    __tablename__ = "operation_runs"
+    __table_args__ = (
+        UniqueConstraint("trigger_event_id", "action_id", "operation_id"),
+        CheckConstraint(_in("status", RUN_STATUSES), name="status"),
+    )
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    trigger_event_id: Mapped[int] = mapped_column(ForeignKey("trigger_events.id", ondelete="CASCADE"))
+    action_id: Mapped[int] = mapped_column(ForeignKey("actions.id", ondelete="CASCADE"))
+    operation_id: Mapped[int] = mapped_column(ForeignKey("operations.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    detail: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(TZ, server_default=func.now())
+    started_at: Mapped[datetime | None] = mapped_column(TZ)
+    finished_at: Mapped[datetime | None] = mapped_column(TZ)
+
+
+
+
+class DatabaseUnavailableError(Exception):
+    pass
+
+
+def make_engine(url: str, **kwargs) -> Engine:
+    kwargs.setdefault("pool_pre_ping", True)
+    # Fail fast when PostgreSQL is down: the consumer retries the message later.
+    kwargs.setdefault("connect_args", {"connect_timeout": 5})
+    return create_engine(url, **kwargs)
+
+
+def wait_for_database(engine: Engine, attempts: int, delay: float = 1.0) -> None:
+    """Return once a connection works; raise DatabaseUnavailableError after `attempts` tries."""
+    for attempt in range(1, attempts + 1):
+        try:
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            return
+        except OperationalError as exc:
+            reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+            logger.warning("database not reachable (attempt %d/%d): %s", attempt, attempts, reason)
+            if attempt == attempts:
+                raise DatabaseUnavailableError(
+                    f"PostgreSQL not reachable at {engine.url.render_as_string(hide_password=True)} "
+                    f"after {attempts} attempts: {reason}"
+                ) from None
+            time.sleep(min(delay * 2 ** (attempt - 1), 10))

@@ -1,0 +1,87 @@
+"""Start-up and shutdown shared by the four services: `python -m services.<name>`."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy import Engine
+
+from shared.bus import BrokerUnavailableError, Bus, Consumer, Handler
+from shared.db import DatabaseUnavailableError, make_engine, wait_for_database
+from shared.logs import configure_logging
+from shared.observability import ServiceMetrics, serve
+from shared.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+EXIT_DATABASE_UNAVAILABLE = 2
+EXIT_BROKER_UNAVAILABLE = 3
+
+
+@dataclass
+class Context:
+    """What a service's handler factory gets: built once in main(), passed down."""
+
+    service: str
+    settings: Settings
+    engine: Engine
+
+    def publisher(self) -> Bus:
+        """A separate confirming connection, for work outside the consume loop (a schedule)."""
+        s = self.settings
+        return Bus(s.amqp_url.get_secret_value(), s.kpi_exchange, heartbeat=s.kpi_heartbeat_seconds)
+
+
+def run_service(service: str, make_handler: Callable[[Context], Handler],
+                background: Callable[[Context, Consumer], None] | None = None) -> int:
+    settings = Settings()
+    configure_logging(service, settings.kpi_log_level, settings.kpi_log_json)
+    engine = make_engine(settings.database_url.get_secret_value())
+    try:
+        wait_for_database(engine, settings.kpi_startup_attempts)
+    except DatabaseUnavailableError as exc:
+        logger.error("cannot start: %s", exc)
+        print(f"{service}: cannot start: {exc}", file=sys.stderr)
+        return EXIT_DATABASE_UNAVAILABLE
+
+    context = Context(service=service, settings=settings, engine=engine)
+    metrics = ServiceMetrics(service)
+    consumer = Consumer(
+        amqp_url=settings.amqp_url.get_secret_value(),
+        exchange=settings.kpi_exchange,
+        service=service,
+        handler=make_handler(context),
+        prefetch=settings.kpi_prefetch,
+        retry_limit=settings.kpi_retry_limit,
+        retry_delay_ms=settings.kpi_retry_delay_ms,
+        startup_attempts=settings.kpi_startup_attempts,
+        heartbeat=settings.kpi_heartbeat_seconds,
+        on_outcome=metrics.record,
+    )
+
+    def on_signal(signum: int, _frame: object) -> None:
+        logger.info("received %s; stopping after the message in hand", signal.Signals(signum).name)
+        consumer.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    if settings.kpi_metrics_port:
+        serve(metrics, settings.kpi_metrics_port, healthy=consumer.ready.is_set)
+    if background is not None:
+        background(context, consumer)
+
+    logger.info("starting; exchange=%s", settings.kpi_exchange)
+    try:
+        consumer.run()
+    except BrokerUnavailableError as exc:
+        logger.error("cannot start: %s", exc)
+        print(f"{service}: cannot start: {exc}", file=sys.stderr)
+        return EXIT_BROKER_UNAVAILABLE
+    finally:
+        engine.dispose()
+    logger.info("stopped")
+    return 0
