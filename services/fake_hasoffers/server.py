@@ -1,0 +1,331 @@
+"""The fake HasOffers HTTP server.
+
+Serves `/Apiv3/json` the way the real API does: HTTP 200 with the response envelope,
+numbers as strings, PHP bracket parameters over GET or form POST, the 50-calls-per-10-s
+rate limit with the real error text. Records the write calls it receives, and injects
+faults on request. Control endpoints (for the demo and for tests in another process):
+
+    GET  /_fake/calls   the recorded write calls, as JSON
+    POST /_fake/faults  {"kind": "http_500" | "rate_limit" | "slow" | "malformed", "count": 1,
+                         "method": "Offer.blockAffiliate" (optional), "seconds": 2 (slow)}
+    POST /_fake/reset   forget calls and pending faults
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from services.fake_hasoffers.network import Network
+
+logger = logging.getLogger(__name__)
+
+API_PATH = "/Apiv3/json"
+FAULT_KINDS = ("http_500", "rate_limit", "slow", "malformed")
+
+
+class FakeApiError(Exception):
+    """Answered as status -1 with this message."""
+
+
+def parse_params(pairs: list[tuple[str, str]]) -> dict[str, Any]:
+    """PHP-style brackets into nested dicts; `a[]` appends to a list."""
+    result: dict[str, Any] = {}
+    for raw_key, value in pairs:
+        head, _, rest = raw_key.partition("[")
+        path = [head] + ([p for p in rest.rstrip("]").split("][")] if rest else [])
+        node: Any = result
+        for i, part in enumerate(path):
+            last = i == len(path) - 1
+            if part == "":
+                if not isinstance(node, list):
+                    break  # `a[]` after `a[x]`: malformed, ignore
+                if last:
+                    node.append(value)
+                else:
+                    node.append({})
+                    node = node[-1]
+                continue
+            if not isinstance(node, dict):
+                break
+            if last:
+                node[part] = value
+            else:
+                nxt = path[i + 1]
+                if part not in node or not isinstance(node[part], (dict, list)):
+                    node[part] = [] if nxt == "" else {}
+                node = node[part]
+    return result
+
+
+def as_list(value: Any) -> list[Any]:
+    """`values` may come as a scalar, `values[]=` or `values[0]=`."""
+    if value is None:
+        return []
+    if isinstance(value, list):
+        return value
+    if isinstance(value, dict):
+        return [value[k] for k in sorted(value, key=lambda k: int(k) if str(k).isdigit() else 0)]
+    return [value]
+
+
+def as_int(value: Any, name: str) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise FakeApiError(f"Invalid {name}") from None
+
+
+@dataclass
+class Fault:
+    kind: str
+    count: int
+    method: str | None = None  # "Target.method", or None for any
+    seconds: float = 2.0
+
+
+Handler = Callable[["FakeHasOffers", dict[str, Any]], Any]
+HANDLERS: dict[str, Handler] = {}
+
+
+def api(name: str) -> Callable[[Handler], Handler]:
+    def register(fn: Handler) -> Handler:
+        HANDLERS[name] = fn
+        return fn
+
+    return register
+
+
+class FakeHasOffers:
+    def __init__(self, network: Network | None = None, *, network_id: str = "demo",
+                 network_token: str = "NETfaketoken", rate_limit: tuple[int, float] = (50, 10.0)):
+        self.network = network or Network()
+        self.network_id = network_id
+        self.network_token = network_token
+        self.rate_limit_calls, self.rate_limit_window = rate_limit
+        self.lock = threading.Lock()
+        self.calls: list[dict[str, Any]] = []  # write calls, in order
+        self.request_count: dict[str, int] = {}
+        self.approvals: dict[tuple[int, int], str] = {}
+        self.blocked: set[tuple[int, int]] = set()
+        self._recent: deque[float] = deque()
+        self._faults: list[Fault] = []
+        self._server: ThreadingHTTPServer | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        fake = self
+
+        class RequestHandler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:  # noqa: N802
+                fake._serve(self, b"")
+
+            def do_POST(self) -> None:  # noqa: N802
+                length = int(self.headers.get("Content-Length") or 0)
+                fake._serve(self, self.rfile.read(length))
+
+            def log_message(self, *args: object) -> None:  # the token is in query strings
+                pass
+
+        self._server = ThreadingHTTPServer((host, port), RequestHandler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, name="fake-hasoffers", daemon=True).start()
+        return self.base_url
+
+    @property
+    def base_url(self) -> str:
+        assert self._server is not None
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}{API_PATH}"
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    # -- control --------------------------------------------------------------------------
+
+    def inject(self, kind: str, count: int = 1, method: str | None = None, seconds: float = 2.0) -> None:
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault {kind!r}; known: {', '.join(FAULT_KINDS)}")
+        with self.lock:
+            self._faults.append(Fault(kind, count, method, seconds))
+
+    def reset(self) -> None:
+        with self.lock:
+            self.calls.clear()
+            self._faults.clear()
+            self._recent.clear()
+            self.request_count.clear()
+
+    def write_calls(self, method: str | None = None) -> list[dict[str, Any]]:
+        with self.lock:
+            return [c for c in self.calls if method is None or c["method"] == method]
+
+    # -- serving --------------------------------------------------------------------------
+
+    def _serve(self, request: BaseHTTPRequestHandler, body: bytes) -> None:
+        url = urlsplit(request.path)
+        if url.path.startswith("/_fake/"):
+            return self._control(request, url.path, body)
+        if url.path != API_PATH:
+            return self._send(request, 404, b"not found", "text/plain")
+        pairs = parse_qsl(url.query, keep_blank_values=True)
+        content_type = request.headers.get("Content-Type", "")
+        if body and "application/x-www-form-urlencoded" in content_type:
+            pairs += parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True)
+        params = parse_params(pairs)
+        name = f"{params.get('Target', '')}.{params.get('Method', '')}"
+        fault = self._take_fault(name)
+        if fault is not None:
+            if fault.kind == "http_500":
+                return self._send(request, 500, b"<html>Internal Server Error</html>", "text/html")
+            if fault.kind == "malformed":
+                return self._send(request, 200, b'{"response": {"status": 1, "data": {"pa', "application/json")
+            if fault.kind == "slow":
+                time.sleep(fault.seconds)
+        self._send_json(request, self._answer(name, params, forced_rate_limit=fault is not None
+                                              and fault.kind == "rate_limit"))
+
+    def _answer(self, name: str, params: dict[str, Any], forced_rate_limit: bool = False) -> dict[str, Any]:
+        request_echo = {k: v for k, v in params.items() if k != "NetworkToken"}
+        if str(params.get("NetworkId", "")) != self.network_id:
+            return {"request": request_echo,
+                    "response": {"errors": {"publicMessage": "Network id is not valid"}}}
+        if params.get("NetworkToken") != self.network_token:
+            return _error(request_echo, f"NetworkToken {params.get('NetworkToken', '')} is not authenticated")
+        usage = self._count_call()
+        if forced_rate_limit or usage > self.rate_limit_calls:
+            return _error(request_echo, "API usage exceeded rate limit.  Configured: "
+                          f"{self.rate_limit_calls}/{int(self.rate_limit_window)}s window; Your usage: {usage}.")
+        handler = HANDLERS.get(name)
+        if handler is None:
+            return _error(request_echo, f"Method {name} does not exist")
+        with self.lock:
+            self.request_count[name] = self.request_count.get(name, 0) + 1
+        try:
+            data = handler(self, params)
+        except FakeApiError as exc:
+            return _error(request_echo, str(exc))
+        return {"request": request_echo,
+                "response": {"status": 1, "httpStatus": 200, "data": data, "errors": [], "errorMessage": None}}
+
+    def _count_call(self) -> int:
+        now = time.monotonic()
+        with self.lock:
+            while self._recent and self._recent[0] <= now - self.rate_limit_window:
+                self._recent.popleft()
+            self._recent.append(now)
+            return len(self._recent)
+
+    def _take_fault(self, name: str) -> Fault | None:
+        with self.lock:
+            for fault in self._faults:
+                if fault.method in (None, name) and fault.count > 0:
+                    fault.count -= 1
+                    if fault.count == 0:
+                        self._faults.remove(fault)
+                    return fault
+        return None
+
+    def _control(self, request: BaseHTTPRequestHandler, path: str, body: bytes) -> None:
+        try:
+            if path == "/_fake/calls":
+                return self._send_json(request, self.write_calls())
+            if path == "/_fake/reset":
+                self.reset()
+                return self._send_json(request, {"ok": True})
+            if path == "/_fake/faults":
+                spec = json.loads(body or b"{}")
+                self.inject(spec["kind"], int(spec.get("count", 1)), spec.get("method"),
+                            float(spec.get("seconds", 2.0)))
+                return self._send_json(request, {"ok": True})
+        except (ValueError, KeyError) as exc:
+            return self._send(request, 400, f"bad request: {exc}".encode(), "text/plain")
+        self._send(request, 404, b"not found", "text/plain")
+
+    def _send_json(self, request: BaseHTTPRequestHandler, payload: Any) -> None:
+        self._send(request, 200, json.dumps(payload).encode(), "application/json")
+
+    @staticmethod
+    def _send(request: BaseHTTPRequestHandler, status: int, body: bytes, content_type: str) -> None:
+        request.send_response(status)
+        request.send_header("Content-Type", content_type)
+        request.send_header("Content-Length", str(len(body)))
+        request.end_headers()
+        request.wfile.write(body)
+
+
+def _error(request_echo: dict[str, Any], message: str) -> dict[str, Any]:
+    return {"request": request_echo,
+            "response": {"status": -1, "httpStatus": 200, "data": "",
+                         "errors": [{"publicMessage": message}], "errorMessage": message}}
+
+
+# -- API methods ------------------------------------------------------------------------
+
+
+def offer_record(fake: FakeHasOffers, offer_id: int, with_categories: bool) -> dict[str, Any]:
+    offer = fake.network.offers[offer_id]
+    record: dict[str, Any] = {"Offer": {"id": str(offer.id), "name": offer.name, "status": offer.status,
+                                        "require_approval": "1" if offer.require_approval else "0"}}
+    if with_categories:
+        record["OfferCategory"] = {
+            str(c): {"id": str(c), "name": fake.network.categories.get(c, f"Category {c}"), "status": "active"}
+            for c in offer.category_ids
+        } or []
+    return record
+
+
+@api("Offer.findById")
+def offer_find_by_id(fake: FakeHasOffers, params: dict[str, Any]) -> Any:
+    offer_id = as_int(params.get("id"), "id")
+    if offer_id < 0:
+        raise FakeApiError("Row id is negative")
+    if offer_id not in fake.network.offers:
+        return None
+    return offer_record(fake, offer_id, "OfferCategory" in as_list(params.get("contain")))
+
+
+def _approval_target(fake: FakeHasOffers, params: dict[str, Any]) -> tuple[int, int]:
+    offer_id = as_int(params.get("id"), "id")
+    affiliate_id = as_int(params.get("affiliate_id"), "affiliate_id")
+    if offer_id not in fake.network.offers:
+        raise FakeApiError(f"Offer {offer_id} not found")
+    if affiliate_id not in fake.network.affiliates:
+        raise FakeApiError("Failed to hydrate rows: 21")
+    return offer_id, affiliate_id
+
+
+@api("Offer.setAffiliateApproval")
+def offer_set_affiliate_approval(fake: FakeHasOffers, params: dict[str, Any]) -> Any:
+    target = _approval_target(fake, params)
+    status = params.get("status")
+    if status not in ("approved", "rejected", "pending"):
+        raise FakeApiError(f"Invalid status {status}")
+    with fake.lock:
+        fake.approvals[target] = status
+        fake.calls.append({"method": "Offer.setAffiliateApproval", "offer_id": target[0],
+                           "affiliate_id": target[1], "status": status, "notes": params.get("notes")})
+    return True
+
+
+@api("Offer.blockAffiliate")
+def offer_block_affiliate(fake: FakeHasOffers, params: dict[str, Any]) -> Any:
+    target = _approval_target(fake, params)
+    with fake.lock:
+        fake.blocked.add(target)
+        fake.calls.append({"method": "Offer.blockAffiliate", "offer_id": target[0], "affiliate_id": target[1]})
+    return True

@@ -1,0 +1,243 @@
+"""HasOffers (TUNE) Network API v3 client: one httpx.Client per process.
+
+Facts it relies on (see HASOFFERS_API.md): every answer is HTTP 200 with an envelope
+`{"response": {"status": 1 | -1, "data": ..., "errorMessage": ...}}`; nested
+parameters use PHP brackets; the rate limit is 50 calls per 10 s per network and is
+reported as an error whose message contains "API usage exceeded rate limit".
+
+The network token travels in a form-encoded POST body, never in the URL, and is
+scrubbed from every error message this module produces. httpx's own request logging
+is silenced in shared.logs because a URL may carry parameters.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+from urllib.parse import urlencode
+
+import httpx
+
+from shared.bus import RetryableError
+
+logger = logging.getLogger(__name__)
+
+RATE_LIMIT_TEXT = "API usage exceeded rate limit"
+
+
+class HasOffersError(Exception):
+    """A permanent failure: the API said no (status -1), or answered something unreadable."""
+
+
+class HasOffersApiError(HasOffersError):
+    def __init__(self, call: str, message: str):
+        super().__init__(f"{call}: HasOffers error: {message}")
+        self.api_message = message
+
+
+class HasOffersResponseError(HasOffersError):
+    """The body is not the envelope the API always sends (malformed, truncated, HTML)."""
+
+
+class HasOffersUnavailableError(RetryableError):
+    """Transient: HTTP 5xx, timeouts, connection errors or the rate limit, after our own retries."""
+
+
+def encode_params(params: Mapping[str, Any], prefix: str = "") -> list[tuple[str, str]]:
+    """PHP http_build_query brackets: {"fields": ["a", "b"]} -> fields[]=a&fields[]=b,
+    {"filters": {"Stat.date": {"conditional": "X"}}} -> filters[Stat.date][conditional]=X."""
+    pairs: list[tuple[str, str]] = []
+    for key, value in params.items():
+        name = f"{prefix}[{key}]" if prefix else str(key)
+        if value is None:
+            continue
+        if isinstance(value, Mapping):
+            pairs.extend(encode_params(value, name))
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                if isinstance(item, Mapping):
+                    raise ValueError(f"{name}: lists of objects are not supported")
+                pairs.append((f"{name}[]", _scalar(item)))
+        else:
+            pairs.append((name, _scalar(value)))
+    return pairs
+
+
+def _scalar(value: Any) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return str(value)
+
+
+class HasOffersClient:
+    def __init__(
+        self,
+        base_url: str,
+        network_id: str,
+        network_token: str,
+        *,
+        timeout: float = 30.0,
+        max_attempts: int = 5,
+        backoff_seconds: float = 1.0,
+        rate_limit_pause_seconds: float = 2.0,
+        transport: httpx.BaseTransport | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        if not network_id or not network_token:
+            raise ValueError("HASOFFERS_NETWORK_ID and HASOFFERS_NETWORK_TOKEN must be set")
+        self.base_url = base_url
+        self.network_id = network_id
+        self._token = network_token
+        self.max_attempts = max_attempts
+        self.backoff_seconds = backoff_seconds
+        self.rate_limit_pause_seconds = rate_limit_pause_seconds
+        self._sleep = sleep
+        self._http = httpx.Client(timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)), transport=transport)
+
+    @classmethod
+    def from_settings(cls, settings: Any, **kwargs: Any) -> HasOffersClient:
+        token = settings.hasoffers_network_token.get_secret_value() if settings.hasoffers_network_token else ""
+        return cls(settings.hasoffers_base_url, settings.hasoffers_network_id or "", token,
+                   timeout=settings.hasoffers_timeout_seconds, max_attempts=settings.hasoffers_max_attempts, **kwargs)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> HasOffersClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _scrub(self, text: str) -> str:
+        return text.replace(self._token, "***") if self._token else text
+
+    # -- the one way to call the API ----------------------------------------------------
+
+    def call(self, target: str, method: str, params: Mapping[str, Any] | None = None) -> Any:
+        """Call Target.method and return `response.data`.
+
+        Retries the rate limit, HTTP 5xx, timeouts and connection errors with back-off;
+        raises HasOffersUnavailableError when they persist, HasOffersApiError on an API
+        error and HasOffersResponseError on a body that is not the API's envelope.
+        """
+        name = f"{target}.{method}"
+        form = [("NetworkToken", self._token), ("Target", target), ("Method", method),
+                *encode_params(params or {})]
+        body = urlencode(form).encode()
+        last_problem = ""
+        for attempt in range(1, self.max_attempts + 1):
+            if attempt > 1:
+                pause = (self.rate_limit_pause_seconds * attempt if last_problem.startswith("rate limit")
+                         else self.backoff_seconds * 2 ** (attempt - 2))
+                logger.warning("%s attempt %d/%d failed (%s); retrying in %.1fs",
+                               name, attempt - 1, self.max_attempts, last_problem, pause)
+                self._sleep(pause)
+            try:
+                answer = self._http.post(self.base_url, params={"NetworkId": self.network_id}, content=body,
+                                         headers={"Content-Type": "application/x-www-form-urlencoded"})
+            except httpx.TimeoutException as exc:
+                last_problem = f"timeout ({type(exc).__name__})"
+                continue
+            except httpx.TransportError as exc:
+                last_problem = self._scrub(f"connection error ({type(exc).__name__}: {exc})")
+                continue
+            if answer.status_code >= 500 or answer.status_code == 429:
+                last_problem = f"HTTP {answer.status_code}"
+                continue
+            if answer.status_code != 200:
+                raise HasOffersResponseError(f"{name}: unexpected HTTP {answer.status_code}")
+            response = self._envelope(name, answer)
+            status = response.get("status")
+            if status == 1:
+                return response.get("data")
+            message = self._error_message(response)
+            if RATE_LIMIT_TEXT in message:
+                last_problem = "rate limit exceeded"
+                continue
+            raise HasOffersApiError(name, self._scrub(message))
+        raise HasOffersUnavailableError(f"{name}: gave up after {self.max_attempts} attempts: {last_problem}")
+
+    def _envelope(self, name: str, answer: httpx.Response) -> dict[str, Any]:
+        try:
+            body = answer.json()
+        except ValueError:
+            snippet = self._scrub(answer.text[:80]).replace("\n", " ")
+            raise HasOffersResponseError(f"{name}: response is not JSON (starts with {snippet!r})") from None
+        response = body.get("response") if isinstance(body, dict) else None
+        if not isinstance(response, dict):
+            raise HasOffersResponseError(f"{name}: response has no 'response' object")
+        return response
+
+    @staticmethod
+    def _error_message(response: dict[str, Any]) -> str:
+        message = response.get("errorMessage")
+        errors = response.get("errors")
+        if not message and isinstance(errors, dict):  # e.g. a bad network id
+            message = errors.get("publicMessage")
+        if not message and isinstance(errors, list) and errors and isinstance(errors[0], dict):
+            message = errors[0].get("publicMessage")
+        return str(message or "unknown error")
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def find_all(self, target: str, params: Mapping[str, Any] | None = None, page_size: int = 1000
+                 ) -> Iterator[dict[str, Any]]:
+        """Every record of Target.findAll, page by page (id-keyed or listed records)."""
+        page = 1
+        while True:
+            data = self.call(target, "findAll", {**(params or {}), "limit": page_size, "page": page})
+            if not data:  # [] when nothing matches
+                return
+            if not isinstance(data, dict):
+                raise HasOffersResponseError(f"{target}.findAll: unexpected data type {type(data).__name__}")
+            yield from _records(data.get("data"))
+            if page >= _as_int(data.get("pageCount"), f"{target}.findAll pageCount"):
+                return
+            page += 1
+
+    def get_stats(self, params: Mapping[str, Any], page_size: int = 10000) -> Iterator[dict[str, Any]]:
+        """Every row of Report.getStats, following pageCount; yields each row's `Stat` object."""
+        page = 1
+        while True:
+            data = self.call("Report", "getStats", {**params, "limit": page_size, "page": page})
+            if not isinstance(data, dict) or not isinstance(data.get("data"), list):
+                raise HasOffersResponseError("Report.getStats: data.data is not a list of rows")
+            for row in data["data"]:
+                if not isinstance(row, dict) or not isinstance(row.get("Stat"), dict):
+                    raise HasOffersResponseError("Report.getStats: a row has no Stat object")
+                yield row["Stat"]
+            if page >= _as_int(data.get("pageCount"), "Report.getStats pageCount"):
+                return
+            page += 1
+
+    def find_offer(self, offer_id: int) -> dict[str, Any] | None:
+        data = self.call("Offer", "findById", {"id": offer_id, "contain": ["OfferCategory"]})
+        return data or None
+
+    # -- writes ---------------------------------------------------------------------------
+
+    def set_affiliate_approval(self, offer_id: int, affiliate_id: int, status: str, notes: str | None = None) -> Any:
+        if status not in ("approved", "rejected", "pending"):
+            raise ValueError(f"invalid approval status {status!r}")
+        return self.call("Offer", "setAffiliateApproval",
+                         {"id": offer_id, "affiliate_id": affiliate_id, "status": status, "notes": notes})
+
+    def block_affiliate(self, offer_id: int, affiliate_id: int) -> Any:
+        return self.call("Offer", "blockAffiliate", {"id": offer_id, "affiliate_id": affiliate_id})
+
+
+def _records(data: Any) -> Iterator[dict[str, Any]]:
+    if isinstance(data, dict):
+        yield from (v for v in data.values() if isinstance(v, dict))
+    elif isinstance(data, list):
+        yield from (v for v in data if isinstance(v, dict))
+
+
+def _as_int(value: Any, what: str) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise HasOffersResponseError(f"{what} is not a number: {value!r}") from None
