@@ -82,3 +82,38 @@ def test_the_example_seed_loads_with_psql(db, database_url):
         metrics = {row[0] for row in conn.execute(text("SELECT DISTINCT metric_key FROM triggers"))}
     assert counts == {"triggers": 6, "scopes": 4, "kinds": 5, "actions": 2}
     assert metrics == {"cr", "pacc", "gtr", "cap_fill", "clicks_zero_conv"}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_metrics_endpoint_counts_what_was_handled_and_logs_are_json(start_service, bus, exchange):
+    import httpx
+
+    port = free_port()
+    service = start_service("action_runner", KPI_METRICS_PORT=str(port), KPI_LOG_JSON="true")
+    base = f"http://127.0.0.1:{port}"
+    wait_for(lambda: httpx.get(f"{base}/health").status_code == 200, what="health to turn green")
+    before = httpx.get(f"{base}/metrics").text
+    assert 'kpi_messages_handled_total{outcome="dead_lettered",service="action_runner"}' not in before
+    for _ in range(3):
+        bus.publish_raw("trigger.event.problem", b"not json at all")
+    wait_for(lambda: queue_depth(queue_names(exchange, "action_runner").dead) == 3)
+
+    def counter_moved():
+        text = httpx.get(f"{base}/metrics").text
+        return 'kpi_messages_handled_total{outcome="dead_lettered",service="action_runner"} 3.0' in text and text
+
+    text = wait_for(counter_moved, what="the dead-letter counter to reach 3")
+    assert 'kpi_messages_dead_lettered_total{service="action_runner"} 3.0' in text
+    assert 'kpi_handler_seconds_count{service="action_runner"} 3.0' in text
+    service.terminate()
+    lines = [json.loads(line) for line in service.log().splitlines() if line.startswith("{")]
+    handled = [line for line in lines if line["message"].startswith("message handled")]
+    assert len(handled) == 3 and all("outcome=dead_lettered" in line["message"] for line in handled)
+    assert all(line["service"] == "action_runner" for line in lines)

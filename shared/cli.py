@@ -1,0 +1,233 @@
+"""`kpi`: the operator's command line.
+
+    kpi migrate                      create or upgrade the schema
+    kpi seed FILE.sql                run a SQL file (triggers, thresholds, actions...)
+    kpi load cr|pacc|...|reference|all [--lookback-hours N]
+    kpi status                       pairs in PROBLEM, counts per trigger
+    kpi triggers                     triggers with their thresholds
+    kpi dead list SERVICE            what is in a service's dead queue, and why
+    kpi dead replay SERVICE          put dead letters back on the exchange
+
+Exit codes: 0 ok, 2 bad arguments or input, 3 RabbitMQ or PostgreSQL unreachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydantic import ValidationError
+from sqlalchemy import Engine, text
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+
+from shared import migrate
+from shared.bus import SERVICE_BINDINGS, BrokerUnavailableError, Bus, read_dead_letters, replay_dead_letters
+from shared.db import make_engine
+from shared.events import METRIC_KEYS, METRIC_LOAD_REQUESTED, REFERENCE, MetricLoadRequested, new_event
+from shared.settings import Settings
+
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = EXIT_USAGE):
+        super().__init__(message)
+        self.code = code
+
+
+def _engine(settings: Settings) -> Engine:
+    engine = make_engine(settings.database_url.get_secret_value())
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except OperationalError as exc:
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+        raise CliError(f"PostgreSQL not reachable at {engine.url.render_as_string(hide_password=True)}: {reason}",
+                       EXIT_UNREACHABLE) from None
+    return engine
+
+
+def _bus(settings: Settings) -> Bus:
+    bus = Bus(settings.amqp_url.get_secret_value(), settings.kpi_exchange, name="hasoffers-kpi cli")
+    try:
+        return bus.connect_with_retry(attempts=2, delay=0.5)
+    except BrokerUnavailableError as exc:
+        raise CliError(str(exc), EXIT_UNREACHABLE) from None
+
+
+def cmd_migrate(settings: Settings, args: argparse.Namespace) -> None:
+    _engine(settings).dispose()
+    migrate.upgrade(settings.database_url.get_secret_value())
+    print("schema is at the latest revision")
+
+
+def cmd_seed(settings: Settings, args: argparse.Namespace) -> None:
+    path = Path(args.file)
+    if not path.is_file():
+        raise CliError(f"no such file: {path}")
+    sql = path.read_text(encoding="utf-8")
+    engine = _engine(settings)
+    # The raw DBAPI cursor runs a whole script (several statements, its own BEGIN/COMMIT).
+    connection = engine.raw_connection()
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(sql)
+        connection.commit()
+    except Exception as exc:
+        connection.rollback()
+        raise CliError(f"{path}: {str(exc).strip()}") from None
+    finally:
+        connection.close()
+        engine.dispose()
+    print(f"loaded {path}")
+
+
+def cmd_load(settings: Settings, args: argparse.Namespace) -> None:
+    keys = [*METRIC_KEYS, REFERENCE] if args.what == "all" else [args.what]
+    try:
+        requests = [MetricLoadRequested(metric_key=key, lookback_hours=args.lookback_hours) for key in keys]
+    except ValidationError as exc:
+        raise CliError(f"invalid request: {exc.errors()[0]['msg']}") from None
+    with _bus(settings) as bus:
+        for request in requests:
+            event = new_event(METRIC_LOAD_REQUESTED, request, correlation_id="cli")
+            bus.publish(event)
+            print(f"requested {request.metric_key} (look-back {request.lookback_hours} h) event_id={event.event_id}")
+
+
+STATUS_SQL = """
+SELECT t.name, s.offer_id, s.affiliate_id, s.value, s.threshold, s.since
+FROM trigger_states s JOIN triggers t ON t.id = s.trigger_id
+WHERE s.status = 'PROBLEM'
+ORDER BY t.name, s.since, s.offer_id, s.affiliate_id
+LIMIT :limit
+"""
+
+COUNTS_SQL = """
+SELECT t.name, t.metric_key, t.active,
+       count(s.*) FILTER (WHERE s.status = 'PROBLEM') AS problem,
+       count(s.*) FILTER (WHERE s.status = 'OK') AS ok
+FROM triggers t LEFT JOIN trigger_states s ON s.trigger_id = t.id
+GROUP BY t.id ORDER BY t.name
+"""
+
+
+def cmd_status(settings: Settings, args: argparse.Namespace) -> None:
+    engine = _engine(settings)
+    with engine.connect() as conn:
+        problems = conn.execute(text(STATUS_SQL), {"limit": args.limit}).all()
+        counts = conn.execute(text(COUNTS_SQL)).all()
+    engine.dispose()
+    if args.json:
+        print(json.dumps({
+            "problems": [{"trigger": r[0], "offer_id": r[1], "affiliate_id": r[2], "value": r[3],
+                          "threshold": r[4], "since": r[5].isoformat()} for r in problems],
+            "triggers": [{"trigger": r[0], "metric": r[1], "active": r[2], "problem": r[3], "ok": r[4]}
+                         for r in counts],
+        }, indent=2))
+        return
+    print(f"Pairs in PROBLEM ({len(problems)}{'+' if len(problems) == args.limit else ''}):")
+    _table(["trigger", "offer", "affiliate", "value", "threshold", "since"],
+           [[r[0], r[1], r[2], _num(r[3]), _num(r[4]), r[5].strftime("%Y-%m-%d %H:%M:%S%z")] for r in problems])
+    print("\nPer trigger:")
+    _table(["trigger", "metric", "active", "PROBLEM", "OK"], [[r[0], r[1], r[2], r[3], r[4]] for r in counts])
+
+
+TRIGGERS_SQL = """
+SELECT t.id, t.name, t.metric_key, t.operator, t.threshold, t.active,
+       h.scope, h.category_id, h.offer_id, h.affiliate_id, h.value
+FROM triggers t LEFT JOIN trigger_thresholds h ON h.trigger_id = t.id
+ORDER BY t.name, h.scope, h.category_id, h.offer_id, h.affiliate_id
+"""
+
+
+def cmd_triggers(settings: Settings, args: argparse.Namespace) -> None:
+    engine = _engine(settings)
+    with engine.connect() as conn:
+        rows = conn.execute(text(TRIGGERS_SQL)).all()
+    engine.dispose()
+    out = []
+    for r in rows:
+        target = {"offer_category": f"category {r[7]}", "offer": f"offer {r[8]}", "affiliate": f"affiliate {r[9]}",
+                  "offer_affiliate": f"offer {r[8]} / affiliate {r[9]}"}.get(r[6], "")
+        out.append([r[0], r[1], r[2], r[3], _num(r[4]), "yes" if r[5] else "no", r[6] or "", target, _num(r[10])])
+    _table(["id", "trigger", "metric", "op", "general", "active", "scope", "target", "value"], out)
+
+
+def cmd_dead(settings: Settings, args: argparse.Namespace) -> None:
+    with _bus(settings) as bus:
+        if args.action == "list":
+            letters = read_dead_letters(bus, args.service, args.limit)
+            if args.json:
+                print(json.dumps(letters, indent=2, default=str))
+                return
+            print(f"{len(letters)} dead letter(s) in {bus.exchange}.{args.service}.dead")
+            for letter in letters:
+                print(f"- {letter['message_id']} {letter['routing_key']} at {letter['dead_at']}: {letter['reason']}")
+        else:
+            moved = replay_dead_letters(bus, args.service, args.limit)
+            print(f"replayed {moved} message(s) from {bus.exchange}.{args.service}.dead")
+
+
+def _num(value: float | None) -> str:
+    return "" if value is None else f"{value:g}"
+
+
+def _table(header: list[str], rows: list[list[object]]) -> None:
+    cells = [header] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    for i, row in enumerate(cells):
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kpi", description="Operate hasoffers-kpi.")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("migrate", help="create or upgrade the schema").set_defaults(run=cmd_migrate)
+    seed = sub.add_parser("seed", help="run a SQL file against the database")
+    seed.add_argument("file")
+    seed.set_defaults(run=cmd_seed)
+    load = sub.add_parser("load", help="request a load of one metric, the reference data, or all")
+    load.add_argument("what", choices=[*METRIC_KEYS, REFERENCE, "all"])
+    load.add_argument("--lookback-hours", type=int, default=None)
+    load.set_defaults(run=cmd_load)
+    status = sub.add_parser("status", help="pairs in PROBLEM and counts per trigger")
+    status.add_argument("--limit", type=int, default=50)
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(run=cmd_status)
+    sub.add_parser("triggers", help="triggers with their thresholds").set_defaults(run=cmd_triggers)
+    dead = sub.add_parser("dead", help="list or replay a service's dead-letter queue")
+    dead.add_argument("action", choices=["list", "replay"])
+    dead.add_argument("service", choices=list(SERVICE_BINDINGS))
+    dead.add_argument("--limit", type=int, default=None)
+    dead.add_argument("--json", action="store_true")
+    dead.set_defaults(run=cmd_dead)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    settings = Settings()
+    if getattr(args, "lookback_hours", 0) is None:
+        args.lookback_hours = settings.kpi_lookback_hours
+    if args.command == "dead" and args.limit is None and args.action == "list":
+        args.limit = 100
+    try:
+        args.run(settings, args)
+    except CliError as exc:
+        print(f"kpi: error: {exc}", file=sys.stderr)
+        return exc.code
+    except SQLAlchemyError as exc:
+        print(f"kpi: database error: {str(getattr(exc, 'orig', exc)).strip()}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
