@@ -1,0 +1,320 @@
+"""The demo: the whole pipeline on this machine, against a fake HasOffers network.
+
+Creates its own database and exchange, migrates, seeds the example triggers and
+actions, starts the fake HasOffers and a local SMTP sink, starts the four services,
+requests a reference load and every metric, waits until the pipeline is idle, prints
+a summary and stops everything it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from email import message_from_bytes
+from email.header import decode_header, make_header
+from pathlib import Path
+
+import httpx
+from aiosmtpd.controller import Controller
+from sqlalchemy import Engine, text
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from shared import migrate  # noqa: E402
+from shared.bus import SERVICE_BINDINGS, Bus, queue_names  # noqa: E402
+from shared.db import make_engine  # noqa: E402
+from shared.events import METRIC_KEYS, METRIC_LOAD_REQUESTED, REFERENCE, MetricLoadRequested, new_event  # noqa: E402
+
+SERVICES = list(SERVICE_BINDINGS)
+TOKEN = "NETdemo" + uuid.uuid4().hex[:16]
+
+
+def say(message: str) -> None:
+    print(f"[demo {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MailSink:
+    """A local SMTP server that keeps every message it receives."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[list[str], str]] = []
+
+    async def handle_DATA(self, server, session, envelope):  # noqa: N802 (aiosmtpd's naming)
+        message = message_from_bytes(envelope.content)
+        subject = str(make_header(decode_header(message.get("Subject", ""))))
+        self.messages.append((list(envelope.rcpt_tos), subject))
+        return "250 OK"
+
+
+def create_database(admin_url: str, name: str) -> str:
+    admin = make_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return admin_url.rsplit("/", 1)[0] + f"/{name}"
+
+
+def run_sql_file(engine: Engine, path: Path) -> None:
+    connection = engine.raw_connection()
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(path.read_text())
+        connection.commit()
+    finally:
+        connection.close()
+
+
+def wait_until(condition, timeout: float, what: str, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = condition()
+        if result:
+            return result
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def counts(engine: Engine) -> dict[str, int]:
+    with engine.connect() as conn:
+        row = conn.execute(text(
+            "SELECT (SELECT count(*) FROM metric_values), (SELECT count(*) FROM trigger_checks),"
+            " (SELECT count(*) FROM trigger_states), (SELECT count(*) FROM trigger_events),"
+            " (SELECT count(*) FROM operation_runs WHERE status <> 'pending'),"
+            " (SELECT count(*) FROM load_runs WHERE status IN ('requested', 'running'))")).one()
+    return dict(zip(["values", "checks", "states", "events", "runs", "loads_open"], row))
+
+
+def queues_empty(bus: Bus) -> bool:
+    for service in SERVICES:
+        names = queue_names(bus.exchange, service)
+        if bus.queue_depth(names.work) or bus.queue_depth(names.retry):
+            return False
+    return True
+
+
+def wait_idle(engine: Engine, bus: Bus, timeout: float) -> dict[str, int]:
+    """Idle = no load open, work and retry queues empty, and the counts still for 2 s."""
+    deadline = time.monotonic() + timeout
+    last: dict[str, int] | None = None
+    stable_since = time.monotonic()
+    while time.monotonic() < deadline:
+        now = counts(engine)
+        if now != last:
+            say("progress: " + ", ".join(f"{k} {v}" for k, v in now.items() if k != "loads_open"))
+            last, stable_since = now, time.monotonic()
+        elif now["loads_open"] == 0 and queues_empty(bus) and time.monotonic() - stable_since >= 2:
+            return now
+        time.sleep(0.5)
+    raise TimeoutError("the pipeline did not become idle in time")
+
+
+def summary(engine: Engine, sink: MailSink, hasoffers_calls: list[dict], exchange: str, bus: Bus) -> str:
+    out = []
+    with engine.connect() as conn:
+        loads = conn.execute(text(
+            "SELECT metric_key, status, rows_read, values_published, coalesce(error, '') FROM load_runs ORDER BY id"
+        )).all()
+        per_trigger = conn.execute(text(
+            "SELECT t.name, count(DISTINCT (c.offer_id, c.affiliate_id)) AS pairs,"
+            " count(*) FILTER (WHERE c.status = 'PROBLEM') AS problem_checks"
+            " FROM triggers t LEFT JOIN trigger_checks c ON c.trigger_id = t.id GROUP BY t.name ORDER BY t.name"
+        )).all()
+        in_problem = conn.execute(text(
+            "SELECT t.name, count(*) FROM trigger_states s JOIN triggers t ON t.id = s.trigger_id"
+            " WHERE s.status = 'PROBLEM' GROUP BY t.name ORDER BY t.name")).all()
+        changes = conn.execute(text(
+            "SELECT coalesce(previous_status, 'none') || ' -> ' || status, count(*) FROM trigger_events"
+            " GROUP BY 1 ORDER BY 1")).all()
+        runs = conn.execute(text(
+            "SELECT kind, status, count(*) FROM operation_runs GROUP BY kind, status ORDER BY kind, status")).all()
+    out.append("=" * 72)
+    out.append("hasoffers-kpi demo summary")
+    out.append("=" * 72)
+    out.append("Loads:")
+    for key, status, rows, published, error in loads:
+        out.append(f"  {key:<18} {status:<10} rows read {rows:>6}  values published {published:>6}  {error}")
+    out.append("Pairs checked per trigger:")
+    for name, pairs, problems in per_trigger:
+        out.append(f"  {name:<20} {pairs:>6} pairs checked, {problems:>5} checks in PROBLEM")
+    out.append("Pairs in PROBLEM now:")
+    for name, n in in_problem or [("(none)", 0)]:
+        out.append(f"  {name:<20} {n:>6}")
+    out.append("State changes (trigger events):")
+    for change, n in changes or [("(none)", 0)]:
+        out.append(f"  {change:<20} {n:>6}")
+    out.append("Operations run:")
+    for kind, status, n in runs or [("(none)", "", 0)]:
+        out.append(f"  {kind:<26} {status:<10} {n:>5}")
+    out.append(f"Emails captured by the SMTP sink: {len(sink.messages)}")
+    for recipients, subject in sink.messages[:15]:
+        out.append(f"  to {', '.join(recipients)[:60]:<60} | {subject[:70]}")
+    if len(sink.messages) > 15:
+        out.append(f"  ... and {len(sink.messages) - 15} more")
+    out.append(f"Approve/reject calls HasOffers received: {len(hasoffers_calls)}")
+    for call in hasoffers_calls[:15]:
+        status = f" status={call['status']}" if "status" in call else ""
+        notes = f" notes={call['notes']!r}" if call.get("notes") else ""
+        out.append(f"  {call['method']:<28} offer {call['offer_id']:>4} affiliate {call['affiliate_id']:>4}{status}{notes}")
+    if len(hasoffers_calls) > 15:
+        out.append(f"  ... and {len(hasoffers_calls) - 15} more")
+    dead = {s: bus.queue_depth(queue_names(exchange, s).dead) for s in SERVICES}
+    out.append("Dead letters: " + ", ".join(f"{s} {n}" for s, n in dead.items()))
+    out.append("=" * 72)
+    return "\n".join(out)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--offers", type=int, default=30)
+    parser.add_argument("--affiliates", type=int, default=40)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--timeout", type=float, default=150)
+    parser.add_argument("--keep-database", action="store_true", help="leave the demo database for inspection")
+    args = parser.parse_args()
+
+    pg_admin = os.environ.get("DEMO_PG_ADMIN_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
+    amqp_url = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+    run_id = uuid.uuid4().hex[:8]
+    db_name, exchange = f"kpi_demo_{run_id}", f"kpi.demo.{run_id}"
+    started = time.monotonic()
+    processes: list[subprocess.Popen] = []
+    log_dir = Path(tempfile.mkdtemp(prefix="kpi-demo-"))
+    smtp = None
+    bus = None
+    engine = None
+    try:
+        say(f"database {db_name}, exchange {exchange}, logs in {log_dir}")
+        database_url = create_database(pg_admin, db_name)
+        migrate.upgrade(database_url)
+        engine = make_engine(database_url)
+        run_sql_file(engine, ROOT / "seeds/example.sql")
+        say("schema migrated, example triggers and actions seeded")
+
+        sink = MailSink()
+        smtp_port = free_port()
+        smtp = Controller(sink, hostname="127.0.0.1", port=smtp_port)
+        smtp.start()
+        fake_port = free_port()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "DATABASE_URL": database_url, "AMQP_URL": amqp_url,
+               "KPI_EXCHANGE": exchange, "HASOFFERS_BASE_URL": f"http://127.0.0.1:{fake_port}/Apiv3/json",
+               "HASOFFERS_NETWORK_ID": "demo", "HASOFFERS_NETWORK_TOKEN": TOKEN, "SMTP_HOST": "127.0.0.1",
+               "SMTP_PORT": str(smtp_port), "MAIL_FROM": "kpi@demo.local", "KPI_RETRY_DELAY_MS": "1000",
+               "KPI_CLICK_COST": "0.01"}
+
+        def spawn(name: str, *argv: str) -> subprocess.Popen:
+            log = open(log_dir / f"{name}.log", "wb")
+            process = subprocess.Popen([sys.executable, "-m", *argv], cwd=ROOT, env=env, stdout=log,
+                                       stderr=subprocess.STDOUT)
+            processes.append(process)
+            return process
+
+        spawn("fake_hasoffers", "services.fake_hasoffers", "--host", "127.0.0.1", "--port", str(fake_port),
+              "--seed", str(args.seed), "--offers", str(args.offers), "--affiliates", str(args.affiliates),
+              "--network-id", "demo", "--token", TOKEN)
+        wait_until(lambda: _port_open(fake_port), 20, "the fake HasOffers to listen")
+        say(f"fake HasOffers on port {fake_port} ({args.offers} offers, {args.affiliates} affiliates), "
+            f"SMTP sink on port {smtp_port}")
+        for service in SERVICES:
+            spawn(service, f"services.{service}")
+        bus = Bus(amqp_url, exchange, name="hasoffers-kpi demo").connect()
+        wait_until(lambda: all((log_dir / f"{s}.log").read_text(errors="replace").count("consuming") for s in SERVICES),
+                   30, "the four services to start")
+        say("four services running")
+
+        bus.publish(new_event(METRIC_LOAD_REQUESTED, MetricLoadRequested(metric_key=REFERENCE), correlation_id="demo"))
+        wait_until(lambda: _reference_done(engine), 60, "the reference load")
+        with engine.begin() as conn:  # local setting: track each offer's first goal for the gtr metric
+            conn.execute(text("UPDATE offers o SET tracked_goal_id = (SELECT min(g.id) FROM goals g"
+                              " WHERE g.offer_id = o.id) WHERE tracked_goal_id IS NULL"))
+        say("reference data loaded: " + _reference_counts(engine))
+        for key in METRIC_KEYS:
+            bus.publish(new_event(METRIC_LOAD_REQUESTED, MetricLoadRequested(metric_key=key), correlation_id="demo"))
+        say(f"requested loads of {', '.join(METRIC_KEYS)}; waiting for the pipeline to go idle")
+        wait_idle(engine, bus, args.timeout)
+
+        calls = httpx.get(f"http://127.0.0.1:{fake_port}/_fake/calls", timeout=5).json()
+        print(summary(engine, sink, calls, exchange, bus), flush=True)
+        for name in ["fake_hasoffers", *SERVICES]:
+            if TOKEN in (log_dir / f"{name}.log").read_text(errors="replace"):
+                raise RuntimeError(f"the HasOffers token appeared in the {name} log")
+        say(f"finished in {time.monotonic() - started:.1f}s")
+        return 0
+    except Exception as exc:
+        say(f"FAILED: {exc}; logs are in {log_dir}")
+        return 1
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        if smtp is not None:
+            smtp.stop()
+        if bus is not None:
+            _delete_topology(bus, exchange)
+            bus.close()
+        if engine is not None:
+            engine.dispose()
+        if not args.keep_database:
+            admin = make_engine(pg_admin, isolation_level="AUTOCOMMIT")
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)'))
+            admin.dispose()
+        say("stopped everything it started")
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _reference_done(engine: Engine) -> bool:
+    with engine.connect() as conn:
+        status = conn.execute(text(
+            "SELECT status, error FROM load_runs WHERE metric_key = 'reference' ORDER BY id DESC LIMIT 1")).first()
+    if status is not None and status[0] == "failed":
+        raise RuntimeError(f"the reference load failed: {status[1]}")
+    return status is not None and status[0] == "succeeded"
+
+
+def _reference_counts(engine: Engine) -> str:
+    with engine.connect() as conn:
+        row = conn.execute(text(
+            "SELECT (SELECT count(*) FROM offers), (SELECT count(*) FROM affiliates),"
+            " (SELECT count(*) FROM affiliate_users), (SELECT count(*) FROM goals),"
+            " (SELECT count(*) FROM conversion_caps)")).one()
+    return json.dumps(dict(zip(["offers", "affiliates", "affiliate_users", "goals", "caps"], row)))
+
+
+def _delete_topology(bus: Bus, exchange: str) -> None:
+    try:
+        for service in SERVICES:
+            names = queue_names(exchange, service)
+            for queue in (names.work, names.retry, names.dead):
+                bus.channel.queue_delete(queue)
+        bus.channel.exchange_delete(exchange)
+    except Exception:  # best effort: the broker may be gone already
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())
