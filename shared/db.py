@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 STATUSES = ("OK", "PROBLEM")
 OPERATORS = ("lt", "le", "gt", "ge", "eq", "ne")
 THRESHOLD_SCOPES = ("offer_category", "offer", "affiliate", "offer_affiliate")
+# Which threshold a check used: a scope of trigger_thresholds, or the trigger's own.
+CHECK_THRESHOLD_SCOPES = ("offer_affiliate", "affiliate", "offer", "offer_category", "general")
 OPERATION_KINDS = (
     "email_affiliate",
     "email_affiliate_manager",
@@ -284,13 +286,20 @@ class TriggerCheck(Base):
     __table_args__ = (
         UniqueConstraint("trigger_id", "offer_id", "affiliate_id", "measured_at"),
         CheckConstraint(_in("status", STATUSES), name="status"),
+        CheckConstraint(_in("operator", OPERATORS), name="operator"),
+        CheckConstraint(f"threshold_scope IS NULL OR {_in('threshold_scope', CHECK_THRESHOLD_SCOPES)}",
+                        name="threshold_scope"),
     )
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     trigger_id: Mapped[int] = mapped_column(ForeignKey("triggers.id", ondelete="CASCADE"))
     offer_id: Mapped[int] = mapped_column(Integer)
     affiliate_id: Mapped[int] = mapped_column(Integer)
     value: Mapped[float] = mapped_column(Double)
+    # The operator and threshold the check was evaluated with (migration 0002): a
+    # redelivered batch republishes the check as it was, whatever the trigger is now.
+    operator: Mapped[str] = mapped_column(Text)
     threshold: Mapped[float] = mapped_column(Double)
+    threshold_scope: Mapped[str | None] = mapped_column(Text)
     status: Mapped[str] = mapped_column(Text)
     measured_at: Mapped[datetime] = mapped_column(TZ)
     checked_at: Mapped[datetime] = mapped_column(TZ, server_default=func.now())
