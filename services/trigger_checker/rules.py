@@ -1,0 +1,115 @@
+"""What a check is (DESIGN.md section 4, "Trigger check"): pure functions, no I/O.
+
+The effective threshold of a pair is the most specific one that exists:
+offer_affiliate > affiliate > offer > offer_category > the trigger's general one;
+among several categories of the offer that have a threshold, the smallest category_id
+wins. The status is PROBLEM when `value <operator> threshold` holds, else OK.
+"""
+
+from __future__ import annotations
+
+import operator as op
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal
+
+Operator = Literal["lt", "le", "gt", "ge", "eq", "ne"]
+Status = Literal["OK", "PROBLEM"]
+Scope = Literal["offer_affiliate", "affiliate", "offer", "offer_category", "general"]
+
+# eq and ne compare exactly: values and thresholds are both double precision, and a
+# tolerance would be a policy nobody asked for.
+OPERATORS: dict[str, Callable[[float, float], bool]] = {
+    "lt": op.lt,
+    "le": op.le,
+    "gt": op.gt,
+    "ge": op.ge,
+    "eq": op.eq,
+    "ne": op.ne,
+}
+
+
+@dataclass
+class TriggerRule:
+    """An active trigger with the thresholds that may apply to the pairs of one batch."""
+
+    id: int
+    name: str
+    metric_key: str
+    operator: Operator
+    general: float | None = None
+    offer_affiliate: dict[tuple[int, int], float] = field(default_factory=dict)
+    affiliate: dict[int, float] = field(default_factory=dict)
+    offer: dict[int, float] = field(default_factory=dict)
+    category: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Threshold:
+    value: float
+    scope: Scope
+
+
+def resolve_threshold(
+    rule: TriggerRule, offer_id: int, affiliate_id: int, offer_categories: Collection[int] = ()
+) -> Threshold | None:
+    """The effective threshold of (offer, affiliate) for `rule`, or None when it has none."""
+    if (offer_id, affiliate_id) in rule.offer_affiliate:
+        return Threshold(rule.offer_affiliate[offer_id, affiliate_id], "offer_affiliate")
+    if affiliate_id in rule.affiliate:
+        return Threshold(rule.affiliate[affiliate_id], "affiliate")
+    if offer_id in rule.offer:
+        return Threshold(rule.offer[offer_id], "offer")
+    with_threshold = [category for category in offer_categories if category in rule.category]
+    if with_threshold:
+        return Threshold(rule.category[min(with_threshold)], "offer_category")
+    if rule.general is not None:
+        return Threshold(rule.general, "general")
+    return None
+
+
+def evaluate(operator: str, value: float, threshold: float) -> Status:
+    """PROBLEM when `value <operator> threshold` holds."""
+    return "PROBLEM" if OPERATORS[operator](value, threshold) else "OK"
+
+
+@dataclass(frozen=True)
+class Value:
+    """A metric value as stored (the first arrival of its key wins)."""
+
+    metric_key: str
+    offer_id: int
+    affiliate_id: int
+    measured_at: datetime
+    value: float
+
+
+@dataclass(frozen=True)
+class Check:
+    trigger_id: int
+    value: Value
+    threshold: Threshold
+    status: Status
+    operator: Operator
+
+
+def check_values(
+    rules: Collection[TriggerRule], values: Collection[Value], categories: dict[int, set[int]]
+) -> tuple[list[Check], int]:
+    """Every (rule, value) check of a batch, and how many pairs were skipped for want of
+    a threshold. `categories` maps an offer to its categories."""
+    by_metric: dict[str, list[TriggerRule]] = {}
+    for rule in rules:
+        by_metric.setdefault(rule.metric_key, []).append(rule)
+    checks: list[Check] = []
+    skipped = 0
+    for value in values:
+        for rule in by_metric.get(value.metric_key, ()):
+            threshold = resolve_threshold(rule, value.offer_id, value.affiliate_id, categories.get(value.offer_id, ()))
+            if threshold is None:
+                skipped += 1
+                continue
+            status = evaluate(rule.operator, value.value, threshold.value)
+            checks.append(Check(rule.id, value, threshold, status, rule.operator))
+    return checks, skipped
