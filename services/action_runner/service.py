@@ -1,11 +1,14 @@
-"""action_runner: consumes its queue and, for now, logs what it receives."""
+"""action_runner: runs the operations of the actions a trigger event fires (DESIGN.md section 4)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 
-from shared.bus import Handler, HandlerResult
-from shared.events import Envelope, parse_data
+from services.action_runner.handler import handle
+from services.action_runner.mailer import SmtpMailer
+from shared.bus import Handler
+from shared.hasoffers import HasOffersClient
 from shared.service import Context, run_service
 
 logger = logging.getLogger(__name__)
@@ -13,14 +16,28 @@ logger = logging.getLogger(__name__)
 SERVICE = "action_runner"
 
 
-def make_handler(context: Context) -> Handler:
-    def handle(envelope: Envelope) -> HandlerResult:
-        parse_data(envelope)
-        logger.info("received event_id=%s type=%s", envelope.event_id, envelope.type)
-        return HandlerResult()
-
-    return handle
-
-
 def main() -> int:
-    return run_service(SERVICE, make_handler)
+    clients: list[HasOffersClient] = []
+
+    def make_handler(context: Context) -> Handler:
+        settings = context.settings
+        mailer = SmtpMailer.from_settings(settings)
+        hasoffers: HasOffersClient | None = None
+        if settings.hasoffers_network_id and settings.hasoffers_network_token:
+            hasoffers = HasOffersClient.from_settings(settings)
+            clients.append(hasoffers)
+        else:
+            # A mail-only deployment needs no API credentials; approve/reject runs then fail
+            # with a clear reason instead of the whole service refusing to start.
+            logger.warning("HASOFFERS_NETWORK_ID / HASOFFERS_NETWORK_TOKEN not set: "
+                           "approve_affiliate and reject_affiliate operations will fail")
+        logger.info("mail via %r from %s%s", mailer, settings.mail_from,
+                    "; ACTIONS_DRY_RUN: nothing will be sent or called" if settings.actions_dry_run else "")
+        return functools.partial(handle, engine=context.engine, mailer=mailer, hasoffers=hasoffers,
+                                 settings=settings)
+
+    try:
+        return run_service(SERVICE, make_handler)
+    finally:
+        for client in clients:
+            client.close()

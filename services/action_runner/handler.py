@@ -1,0 +1,282 @@
+"""action_runner's handler: a trigger event in, each firing action's operations run once.
+
+Exactly once, step by step (DESIGN.md section 4, "Action"):
+
+1. In one transaction, serialised per trigger event by an advisory lock: if the event has
+   no operation_runs yet, decide which actions fire and insert one `pending` run per
+   (event, action, operation), ON CONFLICT DO NOTHING. A redelivery finds the runs and
+   keeps that decision instead of re-reading trigger_states, which may have moved on.
+2. Per run still `pending`, in its own transaction: lock the row (FOR UPDATE SKIP LOCKED),
+   do the side effect, write the outcome, commit. The lock is what keeps two replicas
+   holding the same event from both sending: the second skips a run the first is working
+   on, and finds it final afterwards. A run that is not `pending` is never done again.
+3. Publish an operation.executed notice (deterministic event id) for every final run of
+   the event, on every delivery: a crash between commit and publish loses none.
+
+The window that remains: the side effect happened (the SMTP server accepted the mail, the
+API call returned) but the process died, or the database went away, before step 2
+committed. The run is still `pending` and the lock died with the connection, so the
+redelivered event does it again: at most one duplicate per such crash. A mail sent again
+carries the same Message-ID; the HasOffers calls are harmless to repeat.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+from sqlalchemy import Connection, Engine, Select, and_, exists, func, literal, or_, select, text, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.orm import aliased
+
+from services.action_runner.mailer import Mailer
+from services.action_runner.operations import EventFacts, OfferInfo, Outcome, RunSpec, perform
+from shared.bus import DeadLetter, HandlerResult, RetryableError
+from shared.db import (
+    Action,
+    ActionCondition,
+    ActionOperation,
+    Offer,
+    Operation,
+    OperationRun,
+    Trigger,
+    TriggerState,
+)
+from shared.db import TriggerEvent as TriggerEventRow
+from shared.events import (
+    OPERATION_EXECUTED,
+    TRIGGER_EVENT_OK,
+    TRIGGER_EVENT_PROBLEM,
+    Envelope,
+    InvalidMessageError,
+    OperationExecuted,
+    TriggerEvent,
+    encode,
+    new_event,
+    parse_data,
+    stable_event_id,
+)
+from shared.hasoffers import HasOffersClient
+from shared.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+STATUS_OF_TYPE = {TRIGGER_EVENT_PROBLEM: "PROBLEM", TRIGGER_EVENT_OK: "OK"}
+MAX_ERROR = 1000
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """How one run went in this delivery."""
+
+    kind: Literal["final", "retry", "gave_up", "busy"]
+    reason: str = ""
+
+
+def handle(envelope: Envelope, *, engine: Engine, mailer: Mailer, hasoffers: HasOffersClient | None,
+           settings: Settings) -> HandlerResult:
+    event = _validate(envelope)
+    event_id = str(envelope.event_id)
+    with engine.begin() as conn:
+        _check_trigger_event_row(conn, event)
+        runs = _ensure_runs(conn, event)
+        facts = _facts(conn, event_id, event)
+    if runs:
+        logger.info("event_id=%s trigger_event %d: %d operation run(s)", event_id, event.trigger_event_id, len(runs))
+
+    retry: list[str] = []
+    gave_up: list[str] = []
+    for run_id, status in runs:
+        if status != "pending":
+            continue
+        result = _run_once(engine, run_id, facts, mailer=mailer, hasoffers=hasoffers, settings=settings)
+        if result.kind == "retry":
+            retry.append(result.reason)
+        elif result.kind == "gave_up":
+            gave_up.append(result.reason)
+
+    notices = _notices(engine, envelope, event)
+    if retry:
+        # Nothing is lost by raising: finished runs are committed, and their notices go
+        # out with the delivery that finally succeeds.
+        raise RetryableError("; ".join(retry))
+    if gave_up:
+        # The event itself goes to the dead queue, so an operator sees it and can replay it
+        # (after resetting the failed runs to pending).
+        return HandlerResult(notices=notices, dead_letters=[DeadLetter(encode(envelope), "; ".join(gave_up))])
+    return HandlerResult(notices=notices)
+
+
+def _validate(envelope: Envelope) -> TriggerEvent:
+    event = parse_data(envelope)
+    if not isinstance(event, TriggerEvent):
+        raise InvalidMessageError(f"action_runner does not handle {envelope.type}")
+    if STATUS_OF_TYPE[envelope.type] != event.status:
+        raise InvalidMessageError(f"a {envelope.type} event with status {event.status}")
+    return event
+
+
+def _check_trigger_event_row(conn: Connection, event: TriggerEvent) -> None:
+    """operation_runs references trigger_events: without the row no run can be recorded,
+    and a row that says otherwise than the message means the message is not ours."""
+    row = conn.execute(
+        select(TriggerEventRow.trigger_id, TriggerEventRow.offer_id, TriggerEventRow.affiliate_id,
+               TriggerEventRow.status).where(TriggerEventRow.id == event.trigger_event_id)
+    ).first()
+    if row is None:
+        raise InvalidMessageError(f"trigger_event {event.trigger_event_id} does not exist in trigger_events")
+    expected = (event.trigger_id, event.offer_id, event.affiliate_id, event.status)
+    if tuple(row) != expected:
+        raise InvalidMessageError(
+            f"trigger_event {event.trigger_event_id} is (trigger {row[0]}, offer {row[1]}, affiliate {row[2]}, "
+            f"{row[3]}) in trigger_events, but the message says (trigger {expected[0]}, offer {expected[1]}, "
+            f"affiliate {expected[2]}, {expected[3]})"
+        )
+
+
+def firing_actions(event: TriggerEvent) -> Select[tuple[int]]:
+    """Active actions with a condition (T, S) all of whose conditions hold for the pair.
+
+    A condition on the event's own trigger is judged by the event (it holds only for
+    status S); any other is read from trigger_states, and holds only if a state row for
+    the pair has that status.
+    """
+    t, s = event.trigger_id, event.status
+    own = exists().where(ActionCondition.action_id == Action.id, ActionCondition.trigger_id == t,
+                         ActionCondition.trigger_status == s)
+    other = aliased(ActionCondition)
+    state_holds = exists().where(
+        TriggerState.trigger_id == other.trigger_id, TriggerState.offer_id == event.offer_id,
+        TriggerState.affiliate_id == event.affiliate_id, TriggerState.status == other.trigger_status,
+    )
+    unmet = exists().where(
+        other.action_id == Action.id,
+        or_(and_(other.trigger_id == t, other.trigger_status != s),
+            and_(other.trigger_id != t, ~state_holds)),
+    )
+    return select(Action.id).where(Action.active, own, ~unmet)
+
+
+def _ensure_runs(conn: Connection, event: TriggerEvent) -> list[tuple[int, str]]:
+    # Two replicas with the same event must not both evaluate the conditions: if
+    # trigger_states changed in between, their union would run more than either decided.
+    conn.execute(text("SELECT pg_advisory_xact_lock(hashtextextended('action_runner.trigger_event:' || :id, 0))"),
+                 {"id": event.trigger_event_id})
+    runs = _runs_of(conn, event.trigger_event_id)
+    if runs:
+        return runs
+    conn.execute(
+        pg_insert(OperationRun)
+        .from_select(
+            ["trigger_event_id", "action_id", "operation_id", "kind", "status"],
+            select(literal(event.trigger_event_id), ActionOperation.action_id, ActionOperation.operation_id,
+                   Operation.kind, literal("pending"))
+            .join(Operation, Operation.id == ActionOperation.operation_id)
+            .where(ActionOperation.action_id.in_(firing_actions(event)))
+            .order_by(ActionOperation.action_id, ActionOperation.operation_id),
+        )
+        .on_conflict_do_nothing(index_elements=["trigger_event_id", "action_id", "operation_id"])
+    )
+    return _runs_of(conn, event.trigger_event_id)
+
+
+def _runs_of(conn: Connection, trigger_event_id: int) -> list[tuple[int, str]]:
+    return [tuple(r) for r in conn.execute(  # type: ignore[misc]
+        select(OperationRun.id, OperationRun.status)
+        .where(OperationRun.trigger_event_id == trigger_event_id).order_by(OperationRun.id)
+    )]
+
+
+def _facts(conn: Connection, event_id: str, event: TriggerEvent) -> EventFacts:
+    metric = conn.execute(select(Trigger.metric_key).where(Trigger.id == event.trigger_id)).scalar_one()
+    offer = conn.execute(select(Offer.name, Offer.require_approval).where(Offer.id == event.offer_id)).first()
+    return EventFacts(event_id=event_id, event=event, metric=metric,
+                      offer=OfferInfo(name=offer.name, require_approval=offer.require_approval) if offer else None)
+
+
+def _run_once(engine: Engine, run_id: int, facts: EventFacts, *, mailer: Mailer,
+              hasoffers: HasOffersClient | None, settings: Settings) -> RunResult:
+    """Claim the run, do its side effect, commit the outcome: all under the row lock."""
+    with engine.begin() as conn:
+        row = conn.execute(
+            select(OperationRun.id, OperationRun.trigger_event_id, OperationRun.action_id, OperationRun.operation_id,
+                   OperationRun.kind, OperationRun.attempts, Operation.subject, Operation.body)
+            .join(Operation, Operation.id == OperationRun.operation_id)
+            .where(OperationRun.id == run_id, OperationRun.status == "pending")
+            .with_for_update(of=OperationRun, skip_locked=True)
+        ).first()
+        if row is None:
+            # Another replica holds it (its own delivery finishes it) or it just became final.
+            logger.info("event_id=%s run %d is being handled elsewhere or is done", facts.event_id, run_id)
+            return RunResult("busy")
+        run = RunSpec(run_id=row.id, trigger_event_id=row.trigger_event_id, action_id=row.action_id,
+                      operation_id=row.operation_id, kind=row.kind, subject=row.subject, body=row.body)
+        if settings.actions_dry_run:
+            _finish(conn, run_id, Outcome("skipped", "dry run"), attempts=row.attempts)
+            logger.info("event_id=%s run %d (%s): dry run, skipped", facts.event_id, run_id, run.kind)
+            return RunResult("final")
+
+        attempt = row.attempts + 1
+        try:
+            outcome = perform(conn, run, facts, mailer=mailer, hasoffers=hasoffers,
+                              mail_domain=_domain(settings.mail_from))
+        except RetryableError as exc:
+            error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR]
+            # attempts counts deliveries that tried this run; the bus delivers a message at
+            # most retry_limit + 1 times, so this is the last chance: record the failure
+            # here, where the run is known, instead of leaving it pending in the dead queue.
+            if attempt >= settings.kpi_retry_limit + 1:
+                detail = f"gave up after {attempt} attempts: {error}"[:MAX_ERROR]
+                _finish(conn, run_id, Outcome("failed", detail), attempts=attempt, last_error=error)
+                logger.error("event_id=%s run %d (%s) failed: %s", facts.event_id, run_id, run.kind, detail)
+                return RunResult("gave_up", f"run {run_id} ({run.kind}) {detail}")
+            conn.execute(
+                update(OperationRun).where(OperationRun.id == run_id)
+                .values(attempts=attempt, last_error=error,
+                        started_at=func.coalesce(OperationRun.started_at, func.clock_timestamp()))
+            )
+            logger.warning("event_id=%s run %d (%s) attempt %d failed, will retry: %s",
+                           facts.event_id, run_id, run.kind, attempt, error)
+            return RunResult("retry", f"run {run_id} ({run.kind}): {error}")
+
+        _finish(conn, run_id, outcome, attempts=attempt,
+                last_error=outcome.detail[:MAX_ERROR] if outcome.status == "failed" else None)
+        log = logger.warning if outcome.status == "failed" else logger.info
+        log("event_id=%s run %d (%s) %s: %s", facts.event_id, run_id, run.kind, outcome.status, outcome.detail)
+        return RunResult("final")
+
+
+def _finish(conn: Connection, run_id: int, outcome: Outcome, *, attempts: int, last_error: str | None = None) -> None:
+    values = {"status": outcome.status, "detail": outcome.detail[:MAX_ERROR], "attempts": attempts,
+              "started_at": func.coalesce(OperationRun.started_at, func.clock_timestamp()),
+              "finished_at": func.clock_timestamp()}
+    if last_error is not None:
+        values["last_error"] = last_error
+    conn.execute(update(OperationRun).where(OperationRun.id == run_id).values(**values))
+
+
+def _notices(engine: Engine, envelope: Envelope, event: TriggerEvent) -> list[Envelope]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(OperationRun.id, OperationRun.action_id, OperationRun.operation_id, OperationRun.kind,
+                   OperationRun.status, OperationRun.detail)
+            .where(OperationRun.trigger_event_id == event.trigger_event_id, OperationRun.status != "pending")
+            .order_by(OperationRun.id)
+        ).all()
+    return [
+        new_event(
+            OPERATION_EXECUTED,
+            OperationExecuted(operation_run_id=r.id, trigger_event_id=event.trigger_event_id, action_id=r.action_id,
+                              operation_id=r.operation_id, kind=r.kind, outcome=r.status, detail=r.detail),
+            correlation_id=envelope.correlation_id,
+            causation_id=str(envelope.event_id),
+            event_id=stable_event_id(OPERATION_EXECUTED, event.trigger_event_id, r.action_id, r.operation_id),
+        )
+        for r in rows
+    ]
+
+
+def _domain(address: str) -> str:
+    domain = address.rpartition("@")[2].strip(" >")
+    return domain or "localhost"

@@ -1,0 +1,148 @@
+"""Outgoing mail over SMTP (stdlib smtplib), with failures sorted into transient and permanent.
+
+One SmtpMailer per process holds the configuration; each send opens its own connection,
+so a server restart between two events never leaves a dead connection behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import smtplib
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass
+from email.message import EmailMessage
+from email.utils import formatdate
+from typing import Protocol
+
+from shared.bus import RetryableError
+from shared.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+# Deliberately strict: an address with spaces, brackets, commas or line breaks could smuggle
+# a second recipient or a header; such addresses are left out rather than "fixed".
+_ADDRESS = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
+
+
+class MailTransientError(RetryableError):
+    """The mail was not accepted for now (server down, timeout, 4xx): try again later."""
+
+
+class MailRejectedError(Exception):
+    """The server refused the mail for good (5xx): trying again would not help."""
+
+
+@dataclass(frozen=True)
+class Mail:
+    recipients: tuple[str, ...]
+    subject: str
+    html: str
+    text: str
+    # Stable per operation run: a copy sent again after a crash carries the same id,
+    # which lets mail clients and archives recognise it as the same message.
+    message_id: str
+    run_id: int
+
+
+class Mailer(Protocol):
+    def send(self, mail: Mail) -> str:
+        """Send the mail; return a note for the run's detail, or raise MailTransientError /
+        MailRejectedError."""
+        ...
+
+
+def valid_address(address: str) -> bool:
+    return _ADDRESS.fullmatch(address) is not None
+
+
+def clean_recipients(addresses: Sequence[str | None]) -> tuple[list[str], list[str]]:
+    """(usable addresses, without duplicates in any letter case; the unusable ones)."""
+    usable: list[str] = []
+    seen: set[str] = set()
+    unusable: list[str] = []
+    for raw in addresses:
+        address = (raw or "").strip()
+        if not address:
+            continue
+        if not valid_address(address):
+            unusable.append(address)
+        elif address.lower() not in seen:
+            seen.add(address.lower())
+            usable.append(address)
+    return usable, unusable
+
+
+def build_message(mail: Mail, sender: str) -> EmailMessage:
+    message = EmailMessage()  # the default policy refuses CR/LF in any header value
+    message["From"] = sender
+    message["To"] = ", ".join(mail.recipients)
+    message["Subject"] = mail.subject
+    message["Date"] = formatdate(usegmt=True)
+    message["Message-ID"] = mail.message_id
+    message["X-KPI-Operation-Run"] = str(mail.run_id)
+    message.set_content(mail.text)
+    message.add_alternative(mail.html, subtype="html")
+    return message
+
+
+class SmtpMailer:
+    def __init__(self, host: str, port: int, *, sender: str, user: str | None = None,
+                 password: str | None = None, starttls: bool = False, timeout: float = 30.0):
+        self.host = host
+        self.port = port
+        self.sender = sender
+        self.user = user
+        self._password = password
+        self.starttls = starttls
+        self.timeout = timeout
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SmtpMailer:
+        password = settings.smtp_password.get_secret_value() if settings.smtp_password else None
+        return cls(settings.smtp_host, settings.smtp_port, sender=settings.mail_from, user=settings.smtp_user,
+                   password=password, starttls=settings.smtp_starttls, timeout=settings.smtp_timeout_seconds)
+
+    def __repr__(self) -> str:  # never the password
+        return f"SmtpMailer({self.host}:{self.port}, user={self.user!r}, starttls={self.starttls})"
+
+    def _scrub(self, text: str) -> str:
+        return text.replace(self._password, "***") if self._password else text
+
+    def send(self, mail: Mail) -> str:
+        message = build_message(mail, self.sender)
+        try:
+            with smtplib.SMTP(self.host, self.port, timeout=self.timeout) as smtp:
+                if self.starttls:
+                    smtp.starttls(context=ssl.create_default_context())
+                if self.user:
+                    smtp.login(self.user, self._password or "")
+                refused = smtp.send_message(message, from_addr=self.sender, to_addrs=list(mail.recipients))
+        except smtplib.SMTPRecipientsRefused as exc:
+            codes = [code for code, _ in exc.recipients.values()]
+            reason = "all recipients refused: " + ", ".join(
+                f"{address} ({code})" for address, (code, _) in exc.recipients.items())
+            if all(400 <= code < 500 for code in codes):
+                raise MailTransientError(reason) from None
+            raise MailRejectedError(reason) from None
+        except smtplib.SMTPResponseException as exc:
+            reason = self._scrub(f"SMTP {exc.smtp_code}: {_decode(exc.smtp_error)}")
+            # A refused login is our configuration, not the message: keep the event for a replay.
+            if 400 <= exc.smtp_code < 500 or isinstance(exc, smtplib.SMTPAuthenticationError):
+                raise MailTransientError(reason) from None
+            raise MailRejectedError(reason) from None
+        except (smtplib.SMTPException, OSError) as exc:
+            # Connection refused or reset, timeouts (socket.timeout is an OSError), a server
+            # that hung up, STARTTLS trouble.
+            raise MailTransientError(self._scrub(f"{type(exc).__name__}: {exc}" if str(exc)
+                                                 else type(exc).__name__)) from None
+        if refused:
+            return "refused by the server: " + ", ".join(sorted(refused))
+        return ""
+
+
+def _decode(value: bytes | str) -> str:
+    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    return " ".join(text.split())
+

@@ -1,0 +1,180 @@
+"""For the action_runner tests: a real local SMTP server that records what it receives,
+and helpers that seed actions, operations and trigger events with SQL."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import socket
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from email import policy
+from email.message import EmailMessage
+from typing import Any
+
+from aiosmtpd.controller import Controller
+from sqlalchemy import Connection, Engine, text
+
+from shared.events import TRIGGER_EVENT_OK, TRIGGER_EVENT_PROBLEM, Envelope, TriggerEvent, new_event, stable_event_id
+
+MEASURED_AT = datetime(2026, 11, 28, 10, 0, tzinfo=timezone.utc)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ReceivedMail:
+    mail_from: str
+    rcpt_tos: list[str]
+    raw: bytes
+    message: EmailMessage
+
+    def part(self, subtype: str) -> str:
+        found = self.message.get_body(preferencelist=(subtype,))
+        assert found is not None and found.get_content_subtype() == subtype, f"no text/{subtype} part"
+        return found.get_content()
+
+
+class FakeSmtpServer:
+    """aiosmtpd on 127.0.0.1:<port>. `replies` are answered to the next DATA commands instead
+    of accepting them (e.g. "451 4.3.0 try again later"); `delay` holds each accepted mail."""
+
+    def __init__(self, port: int | None = None, delay: float = 0.0):
+        self.port = port or free_port()
+        self.delay = delay
+        self.replies: list[str] = []
+        self.received: list[ReceivedMail] = []
+        self.data_commands = 0
+        self._lock = threading.Lock()
+        self._controller: Controller | None = None
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
+        with self._lock:
+            self.data_commands += 1
+            if self.replies:
+                return self.replies.pop(0)
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        raw = envelope.content if isinstance(envelope.content, bytes) else envelope.content.encode()
+        message = email.message_from_bytes(raw, policy=policy.default)
+        with self._lock:
+            self.received.append(ReceivedMail(envelope.mail_from, list(envelope.rcpt_tos), raw, message))
+        return "250 OK"
+
+    def start(self) -> FakeSmtpServer:
+        self._controller = Controller(self, hostname="127.0.0.1", port=self.port)
+        self._controller.start()
+        return self
+
+    def stop(self) -> None:
+        if self._controller is not None:
+            self._controller.stop()
+            self._controller = None
+
+    def mails(self) -> list[ReceivedMail]:
+        with self._lock:
+            return list(self.received)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(self.port), "MAIL_FROM": "kpi@kpi.example",
+                "SMTP_TIMEOUT_SECONDS": "5"}
+
+
+# -- seeding --------------------------------------------------------------------------------
+
+OFFER = 12  # does not require approval
+OFFER_APPROVAL = 13  # requires approval
+AFFILIATE = 7  # managed by employee 5, two active users and a blocked one
+LONELY_AFFILIATE = 8  # no users, no manager
+TRIGGER = 1  # "min CR"
+TRIGGER_2 = 2  # "zero conv"
+
+
+def seed_reference(conn: Connection) -> None:
+    conn.execute(text("""
+        INSERT INTO triggers (id, name, metric_key, operator, threshold) VALUES
+            (1, 'min CR', 'cr', 'lt', 0.05), (2, 'zero conv', 'clicks_zero_conv', 'ge', 500);
+        INSERT INTO offers (id, name, require_approval) VALUES
+            (12, 'Summer <script>alert(1)</script> & Co', false), (13, 'Gated offer', true);
+        INSERT INTO affiliates (id, company, account_manager_id) VALUES (7, 'Acme', 5), (8, 'Lonely', NULL);
+        INSERT INTO affiliate_users (id, affiliate_id, email, status) VALUES
+            (70, 7, 'ann@aff.example', 'active'), (71, 7, 'bob@aff.example', 'active'),
+            (72, 7, 'blocked@aff.example', 'blocked');
+        INSERT INTO employees (id, email, secondary_email, use_secondary) VALUES
+            (5, 'manager@net.example', 'manager.backup@net.example', false);
+        INSERT INTO administrators (email, active) VALUES ('ops@net.example', true), ('gone@net.example', false);
+    """))
+
+
+def add_operation(conn: Connection, kind: str, subject: str | None = None, body: str | None = None,
+                  name: str | None = None) -> int:
+    count = conn.execute(text("SELECT count(*) FROM operations")).scalar_one()
+    return conn.execute(
+        text("INSERT INTO operations (name, kind, subject, body) VALUES (:name, :kind, :subject, :body) RETURNING id"),
+        {"name": name or f"{kind} {count + 1}", "kind": kind, "subject": subject, "body": body},
+    ).scalar_one()
+
+
+def add_action(conn: Connection, conditions: list[tuple[int, str]], operations: list[int], active: bool = True,
+               name: str | None = None) -> int:
+    count = conn.execute(text("SELECT count(*) FROM actions")).scalar_one()
+    action_id = conn.execute(text("INSERT INTO actions (name, active) VALUES (:name, :active) RETURNING id"),
+                             {"name": name or f"action {count + 1}", "active": active}).scalar_one()
+    for trigger_id, status in conditions:
+        conn.execute(text("INSERT INTO action_conditions (action_id, trigger_id, trigger_status) VALUES (:a, :t, :s)"),
+                     {"a": action_id, "t": trigger_id, "s": status})
+    for operation_id in operations:
+        conn.execute(text("INSERT INTO action_operations (action_id, operation_id) VALUES (:a, :o)"),
+                     {"a": action_id, "o": operation_id})
+    return action_id
+
+
+def set_state(conn: Connection, trigger_id: int, offer_id: int, affiliate_id: int, status: str) -> None:
+    conn.execute(text("""
+        INSERT INTO trigger_states (trigger_id, offer_id, affiliate_id, status, since, measured_at, check_id)
+        VALUES (:t, :o, :a, :s, :m, :m, 1)
+        ON CONFLICT (trigger_id, offer_id, affiliate_id) DO UPDATE SET status = excluded.status
+    """), {"t": trigger_id, "o": offer_id, "a": affiliate_id, "s": status, "m": MEASURED_AT})
+
+
+_check_ids = iter(range(1000, 10**9))
+
+
+def add_trigger_event(conn: Connection, trigger_id: int = TRIGGER, offer_id: int = OFFER,
+                      affiliate_id: int = AFFILIATE, status: str = "PROBLEM", previous: str | None = "OK",
+                      value: float = 0.01, threshold: float = 0.05) -> TriggerEvent:
+    """A trigger_events row (and the state it produced), and the message that announces it."""
+    check_id = next(_check_ids)
+    trigger_event_id = conn.execute(text("""
+        INSERT INTO trigger_events (trigger_id, offer_id, affiliate_id, previous_status, status, check_id,
+                                    value, threshold, measured_at)
+        VALUES (:t, :o, :a, :p, :s, :c, :v, :th, :m) RETURNING id
+    """), {"t": trigger_id, "o": offer_id, "a": affiliate_id, "p": previous, "s": status, "c": check_id,
+           "v": value, "th": threshold, "m": MEASURED_AT}).scalar_one()
+    set_state(conn, trigger_id, offer_id, affiliate_id, status)
+    name = conn.execute(text("SELECT name FROM triggers WHERE id = :t"), {"t": trigger_id}).scalar_one()
+    return TriggerEvent(trigger_event_id=trigger_event_id, trigger_id=trigger_id, trigger_name=name,
+                        offer_id=offer_id, affiliate_id=affiliate_id, previous_status=previous, status=status,
+                        value=value, threshold=threshold, measured_at=MEASURED_AT, check_id=check_id)
+
+
+def envelope_of(event: TriggerEvent) -> Envelope:
+    # Deterministic, as the event detector makes it: a redelivery is the very same event.
+    return new_event(TRIGGER_EVENT_PROBLEM if event.status == "PROBLEM" else TRIGGER_EVENT_OK, event,
+                     correlation_id="test", event_id=stable_event_id("trigger.event", event.trigger_event_id))
+
+
+def runs(engine: Engine, trigger_event_id: int | None = None) -> list[dict[str, Any]]:
+    with engine.connect() as conn:
+        rows = conn.execute(text(
+            "SELECT id, trigger_event_id, action_id, operation_id, kind, status, attempts, last_error, detail, "
+            "started_at, finished_at FROM operation_runs "
+            "WHERE :te IS NULL OR trigger_event_id = CAST(:te AS bigint) ORDER BY id"
+        ), {"te": trigger_event_id}).mappings().all()
+    return [dict(r) for r in rows]
