@@ -1,25 +1,18 @@
-"""event_detector: consumes its queue and, for now, logs what it receives."""
+"""event_detector: trigger.checked -> trigger_states, trigger_events -> trigger.event.problem / .ok."""
 
 from __future__ import annotations
 
-import logging
+from functools import partial
 
-from shared.bus import Handler, HandlerResult
-from shared.events import Envelope, parse_data
+from shared.bus import Handler
 from shared.service import Context, run_service
-
-logger = logging.getLogger(__name__)
+from services.event_detector.handler import handle_trigger_checked
 
 SERVICE = "event_detector"
 
 
 def make_handler(context: Context) -> Handler:
-    def handle(envelope: Envelope) -> HandlerResult:
-        parse_data(envelope)
-        logger.info("received event_id=%s type=%s", envelope.event_id, envelope.type)
-        return HandlerResult()
-
-    return handle
+    return partial(handle_trigger_checked, engine=context.engine)
 
 
 def main() -> int:

@@ -1,25 +1,18 @@
-"""trigger_checker: consumes its queue and, for now, logs what it receives."""
+"""trigger_checker: metric.loaded -> metric_values, trigger_checks -> trigger.checked."""
 
 from __future__ import annotations
 
-import logging
+from functools import partial
 
-from shared.bus import Handler, HandlerResult
-from shared.events import Envelope, parse_data
+from shared.bus import Handler
 from shared.service import Context, run_service
-
-logger = logging.getLogger(__name__)
+from services.trigger_checker.handler import handle_metric_loaded
 
 SERVICE = "trigger_checker"
 
 
 def make_handler(context: Context) -> Handler:
-    def handle(envelope: Envelope) -> HandlerResult:
-        parse_data(envelope)
-        logger.info("received event_id=%s type=%s", envelope.event_id, envelope.type)
-        return HandlerResult()
-
-    return handle
+    return partial(handle_metric_loaded, engine=context.engine)
 
 
 def main() -> int:
