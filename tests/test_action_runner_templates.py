@@ -47,6 +47,7 @@ def test_a_value_that_looks_like_a_macro_is_not_expanded_again():
 
 @pytest.mark.parametrize("template", [
     "Hi\r\nBcc: evil@x", "Hi\nBcc: evil@x", "Hi\rBcc: evil@x", "Hi\u2028Bcc: evil@x", "Hi\x0bBcc: evil@x",
+    "Hi\x1cBcc: evil@x", "Hi\x00Bcc: evil@x", "Hi\r\n\tBcc: evil@x",
 ])
 def test_a_subject_template_never_yields_a_line_break(template):
     subject = render_subject(template, VALUES)

@@ -82,8 +82,7 @@ def handle(envelope: Envelope, *, engine: Engine, mailer: Mailer, hasoffers: Has
         _check_trigger_event_row(conn, event)
         runs = _ensure_runs(conn, event)
         facts = _facts(conn, event_id, event)
-    if runs:
-        logger.info("event_id=%s trigger_event %d: %d operation run(s)", event_id, event.trigger_event_id, len(runs))
+    logger.info("event_id=%s trigger_event %d: %d operation run(s)", event_id, event.trigger_event_id, len(runs))
 
     retry: list[str] = []
     gave_up: list[str] = []
@@ -96,14 +95,14 @@ def handle(envelope: Envelope, *, engine: Engine, mailer: Mailer, hasoffers: Has
         elif result.kind == "gave_up":
             gave_up.append(result.reason)
 
-    notices = _notices(engine, envelope, event)
     if retry:
-        # Nothing is lost by raising: finished runs are committed, and their notices go
-        # out with the delivery that finally succeeds.
+        # Nothing is lost by raising: finished runs are committed, and their notices go out
+        # with whichever later delivery (a retry, or a replay from the dead queue) returns.
         raise RetryableError("; ".join(retry))
+    notices = _notices(engine, envelope, event)
     if gave_up:
         # The event itself goes to the dead queue, so an operator sees it and can replay it
-        # (after resetting the failed runs to pending).
+        # (after resetting the failed runs to pending, see README).
         return HandlerResult(notices=notices, dead_letters=[DeadLetter(encode(envelope), "; ".join(gave_up))])
     return HandlerResult(notices=notices)
 

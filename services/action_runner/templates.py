@@ -22,8 +22,9 @@ MACROS = (
 )
 # Only known macro names are replaced, so literal braces (CSS, JSON in a body) survive.
 _MACRO = re.compile(r"\{(" + "|".join(re.escape(m) for m in MACROS) + r")\}")
-# Everything a mail reader or smtplib might treat as the end of a header line.
-_LINE_BREAKS = re.compile(r"[\r\n\v\f\x1c\x1d\x1e\x85\u2028\u2029]+")
+# Every control character (CR, LF and their cousins that str.splitlines() or a mail reader
+# may take for the end of a header line) and the Unicode line separators.
+_LINE_BREAKS = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]+")
 _SPACES = re.compile(r"\s+")
 MAX_SUBJECT = 250
 
