@@ -194,6 +194,15 @@ def model_of_batches(batches: list[list[Item]]) -> Model:
     return model
 
 
+def model_of_whole_pairs(checks: dict[CheckKey, ExpectedCheck]) -> Model:
+    """The outcome when each pair's checks all arrive together (in any number of messages
+    that each hold all of them): in measured_at order, whatever the arrival order."""
+    model = Model()
+    for pair in sorted({key[:3] for key in checks}):
+        model.feed_batch({key: check for key, check in checks.items() if key[:3] == pair})
+    return model
+
+
 # -- reading the database back as the model's shapes --------------------------------------
 
 
