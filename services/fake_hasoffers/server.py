@@ -7,8 +7,14 @@ faults on request. Control endpoints (for the demo and for tests in another proc
 
     GET  /_fake/calls   the recorded write calls, as JSON
     POST /_fake/faults  {"kind": "http_500" | "rate_limit" | "slow" | "malformed", "count": 1,
-                         "method": "Offer.blockAffiliate" (optional), "seconds": 2 (slow)}
+                         "method": "Offer.blockAffiliate" (optional), "seconds": 2 (slow),
+                         "after": 0 (let this many matching calls through first)}
     POST /_fake/reset   forget calls and pending faults
+    GET  /_fake/requests   how many times each API method was answered, as JSON
+
+Read methods: Report.getStats, Offer.findAll/findById, Offer.getConversionCaps,
+Goal.findAll, Affiliate.findAll/findById, AffiliateUser.findAll, Employee.findAll
+(see queries.py for filters, grouping and paging).
 """
 
 from __future__ import annotations
@@ -17,14 +23,16 @@ import json
 import logging
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+from services.fake_hasoffers import queries
 from services.fake_hasoffers.network import Network
+from services.fake_hasoffers.queries import QueryError
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +98,7 @@ class Fault:
     count: int
     method: str | None = None  # "Target.method", or None for any
     seconds: float = 2.0
+    after: int = 0  # matching calls to let through before the fault strikes
 
 
 Handler = Callable[["FakeHasOffers", dict[str, Any]], Any]
@@ -119,6 +128,10 @@ class FakeHasOffers:
         self._recent: deque[float] = deque()
         self._faults: list[Fault] = []
         self._server: ThreadingHTTPServer | None = None
+        # Report.getStats answers by query, so that paging through a large report does
+        # not aggregate every raw row once per page. Keyed by the stats list's identity
+        # and length: replace or extend network.stats (or call reset()) to see changes.
+        self._reports: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -157,11 +170,12 @@ class FakeHasOffers:
 
     # -- control --------------------------------------------------------------------------
 
-    def inject(self, kind: str, count: int = 1, method: str | None = None, seconds: float = 2.0) -> None:
+    def inject(self, kind: str, count: int = 1, method: str | None = None, seconds: float = 2.0,
+               after: int = 0) -> None:
         if kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault {kind!r}; known: {', '.join(FAULT_KINDS)}")
         with self.lock:
-            self._faults.append(Fault(kind, count, method, seconds))
+            self._faults.append(Fault(kind, count, method, seconds, after))
 
     def reset(self) -> None:
         with self.lock:
@@ -169,6 +183,27 @@ class FakeHasOffers:
             self._faults.clear()
             self._recent.clear()
             self.request_count.clear()
+            self._reports.clear()
+
+    def requests(self, method: str) -> int:
+        """How many times `Target.method` was answered (not counting refused calls)."""
+        with self.lock:
+            return self.request_count.get(method, 0)
+
+    def report_rows(self, params: dict[str, Any]) -> list[dict[str, Any]]:
+        stats = self.network.stats
+        key = json.dumps([id(stats), len(stats), {k: params.get(k) for k in ("fields", "groups", "filters", "sort")}],
+                         sort_keys=True, default=str)
+        with self.lock:
+            if key in self._reports:
+                self._reports.move_to_end(key)
+                return self._reports[key]
+        rows = queries.report(stats, params)
+        with self.lock:
+            self._reports[key] = rows
+            while len(self._reports) > 16:
+                self._reports.popitem(last=False)
+        return rows
 
     def write_calls(self, method: str | None = None) -> list[dict[str, Any]]:
         with self.lock:
@@ -217,7 +252,7 @@ class FakeHasOffers:
             self.request_count[name] = self.request_count.get(name, 0) + 1
         try:
             data = handler(self, params)
-        except FakeApiError as exc:
+        except (FakeApiError, QueryError) as exc:
             return _error(request_echo, str(exc))
         return {"request": request_echo,
                 "response": {"status": 1, "httpStatus": 200, "data": data, "errors": [], "errorMessage": None}}
@@ -234,6 +269,9 @@ class FakeHasOffers:
         with self.lock:
             for fault in self._faults:
                 if fault.method in (None, name) and fault.count > 0:
+                    if fault.after > 0:
+                        fault.after -= 1
+                        continue
                     fault.count -= 1
                     if fault.count == 0:
                         self._faults.remove(fault)
@@ -244,13 +282,16 @@ class FakeHasOffers:
         try:
             if path == "/_fake/calls":
                 return self._send_json(request, self.write_calls())
+            if path == "/_fake/requests":
+                with self.lock:
+                    return self._send_json(request, dict(self.request_count))
             if path == "/_fake/reset":
                 self.reset()
                 return self._send_json(request, {"ok": True})
             if path == "/_fake/faults":
                 spec = json.loads(body or b"{}")
                 self.inject(spec["kind"], int(spec.get("count", 1)), spec.get("method"),
-                            float(spec.get("seconds", 2.0)))
+                            float(spec.get("seconds", 2.0)), int(spec.get("after", 0)))
                 return self._send_json(request, {"ok": True})
         except (ValueError, KeyError) as exc:
             return self._send(request, 400, f"bad request: {exc}".encode(), "text/plain")
@@ -280,7 +321,9 @@ def _error(request_echo: dict[str, Any], message: str) -> dict[str, Any]:
 def offer_record(fake: FakeHasOffers, offer_id: int, with_categories: bool) -> dict[str, Any]:
     offer = fake.network.offers[offer_id]
     record: dict[str, Any] = {"Offer": {"id": str(offer.id), "name": offer.name, "status": offer.status,
-                                        "require_approval": "1" if offer.require_approval else "0"}}
+                                        "require_approval": "1" if offer.require_approval else "0",
+                                        "default_payout": f"{offer.default_payout:.2f}",
+                                        "max_payout": f"{offer.max_payout:.2f}"}}
     if with_categories:
         record["OfferCategory"] = {
             str(c): {"id": str(c), "name": fake.network.categories.get(c, f"Category {c}"), "status": "active"}
@@ -329,3 +372,97 @@ def offer_block_affiliate(fake: FakeHasOffers, params: dict[str, Any]) -> Any:
         fake.blocked.add(target)
         fake.calls.append({"method": "Offer.blockAffiliate", "offer_id": target[0], "affiliate_id": target[1]})
     return True
+
+
+# -- reads ------------------------------------------------------------------------------
+
+
+def _found(kept: list[tuple[int, dict[str, Any]]], params: dict[str, Any]) -> Any:
+    """find* answers: id-keyed records ([] when none), or a page of them with `limit`."""
+    paged = queries.page_of(kept, params)
+    if paged is None:
+        return {str(i): r for i, r in kept} or []
+    chunk, paging = paged
+    return {**paging, "data": {str(i): r for i, r in chunk} or []}
+
+
+@api("Report.getStats")
+def report_get_stats(fake: FakeHasOffers, params: dict[str, Any]) -> Any:
+    rows = fake.report_rows(params)
+    names = queries.report_fields(params)
+    paged = queries.page_of(rows, params)
+    chunk, paging = paged if paged is not None else (rows, {"page": 1, "current": len(rows), "count": len(rows),
+                                                            "pageCount": 1 if rows else 0})
+    data: dict[str, Any] = {**paging, "data": [queries.format_stat(r, names) for r in chunk]}
+    if params.get("totals") not in (None, "", "0", "false"):
+        data["totals"] = queries.totals(rows, names)
+    return data
+
+
+@api("Offer.findAll")
+def offer_find_all(fake: FakeHasOffers, params: dict[str, Any]) -> Any:
+    contain = queries.as_values(params.get("contain"))
+    records = {i: offer_record(fake, i, "OfferCategory" in contain) for i in fake.network.offers}
+    for record in records.values():  # other containable models are empty in the fake
+        record.update({c: [] for c in contain if c not in record and c != "Offer"})
+    return _found(queries.find(records, "Offer", params), params)
+
+
+@api("Offer.getConversionCaps")
+def offer_get_conversion_caps(fake: FakeHasOffers, params: dict[str, Any]) -> Any:
+    offer_id = as_int(params.get("id"), "id")
+    if offer_id < 0:
+        raise FakeApiError("Row id is negative")
+    if offer_id not in fake.network.offers:
+        raise FakeApiError(f"Failed to hydrate rows: {offer_id}")
+    caps = {}
+    for cap_id, ((o, a), cap) in enumerate(sorted(fake.network.caps.items()), start=1):
+        if o == offer_id:
+            caps[str(cap_id)] = {"OfferConversionCap": {
+                "id": str(cap_id), "offer_id": str(o), "affiliate_id": str(a), "conversion_cap": str(cap),
+                "payout_cap": "0.00", "revenue_cap": "0.00", "monthly_conversion_cap": "0",
+                "monthly_payout_cap": "0.00", "monthly_revenue_cap": "0.00"}}
+    return caps or []
+
+
+@api("Goal.findAll")
+def goal_find_all(fake: FakeHasOffers, params: dict[str, Any]) -> Any:
+    records = {g.id: {"Goal": {"id": str(g.id), "offer_id": str(g.offer_id), "name": g.name, "status": g.status}}
+               for g in fake.network.goals.values()}
+    return _found(queries.find(records, "Goal", params), params)
+
+
+def affiliate_record(fake: FakeHasOffers, affiliate_id: int) -> dict[str, Any]:
+    a = fake.network.affiliates[affiliate_id]
+    return {"Affiliate": {"id": str(a.id), "company": a.company, "status": a.status,
+                          "account_manager_id": None if a.account_manager_id is None else str(a.account_manager_id)}}
+
+
+@api("Affiliate.findAll")
+def affiliate_find_all(fake: FakeHasOffers, params: dict[str, Any]) -> Any:
+    records = {i: affiliate_record(fake, i) for i in fake.network.affiliates}
+    return _found(queries.find(records, "Affiliate", params), params)
+
+
+@api("Affiliate.findById")
+def affiliate_find_by_id(fake: FakeHasOffers, params: dict[str, Any]) -> Any:
+    affiliate_id = as_int(params.get("id"), "id")
+    if affiliate_id < 0:
+        raise FakeApiError("Row id is negative")
+    return affiliate_record(fake, affiliate_id) if affiliate_id in fake.network.affiliates else None
+
+
+@api("AffiliateUser.findAll")
+def affiliate_user_find_all(fake: FakeHasOffers, params: dict[str, Any]) -> Any:
+    records = {u.id: {"AffiliateUser": {"id": str(u.id), "affiliate_id": str(u.affiliate_id), "email": u.email,
+                                        "status": u.status}}
+               for u in fake.network.affiliate_users.values()}
+    return _found(queries.find(records, "AffiliateUser", params), params)
+
+
+@api("Employee.findAll")
+def employee_find_all(fake: FakeHasOffers, params: dict[str, Any]) -> Any:
+    records = {e.id: {"Employee": {"id": str(e.id), "email": e.email, "first_name": e.first_name,
+                                   "last_name": e.last_name, "status": e.status}}
+               for e in fake.network.employees.values()}
+    return _found(queries.find(records, "Employee", params), params)
