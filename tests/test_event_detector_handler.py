@@ -15,8 +15,8 @@ from shared.events import (
     stable_event_id,
 )
 from tests.trigger_scenario import (
-    BATCHES, Model, actual_events, assert_consistent_history, actual_states, check_items, checked_message, expected_checks, metric_loaded,
-    model_of_batches, seed,
+    BATCHES, Model, actual_events, actual_states, assert_consistent_history, check_items, checked_message,
+    expected_checks, metric_loaded, model_of_batches, seed,
 )
 
 

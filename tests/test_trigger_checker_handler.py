@@ -85,7 +85,8 @@ def test_the_same_values_in_a_new_message_add_no_check_and_keep_the_first_value(
 def test_a_trigger_edited_in_sql_applies_from_the_next_message(db):
     ids = seed(db)
     first = handle_metric_loaded(metric_loaded([("cr", 103, 9, 0, 0.04)]), db)
-    assert [(c["trigger_name"], c["threshold"], c["status"]) for c in checks_of(first)] == [("min CR", 0.05, "PROBLEM")]
+    assert [(c["trigger_name"], c["threshold"], c["status"]) for c in checks_of(first)] == [
+        ("min CR", 0.05, "PROBLEM")]
     with db.begin() as conn:
         conn.execute(text("UPDATE triggers SET threshold = 0.03, operator = 'le' WHERE id = :t"), {"t": ids["min CR"]})
         conn.execute(text("UPDATE triggers SET active = true, threshold = 1 WHERE id = :t"), {"t": ids["disabled"]})
@@ -99,7 +100,8 @@ def test_a_trigger_edited_in_sql_applies_from_the_next_message(db):
     with db.begin() as conn:
         conn.execute(text("UPDATE triggers SET active = true"))
     again = handle_metric_loaded(metric_loaded([("cr", 103, 9, 0, 0.04)]), db)
-    assert [(c["operator"], c["threshold"]) for c in checks_of(again) if c["trigger_name"] == "min CR"] == [("lt", 0.05)]
+    min_cr = [c for c in checks_of(again) if c["trigger_name"] == "min CR"]
+    assert [(c["operator"], c["threshold"]) for c in min_cr] == [("lt", 0.05)]
 
 
 def test_pairs_without_any_threshold_are_skipped(db, caplog):

@@ -16,7 +16,8 @@ from shared.events import new_event
 from tests.support import drain, queue_depth, wait_for
 from tests.trigger_scenario import (
     BATCHES, actual_checks, actual_events, actual_states, as_model_events, assert_consistent_history, at,
-    check_items, checked_message, expected_checks, metric_loaded, model_of_batches, model_of_whole_pairs, published_events, seed,
+    check_items, checked_message, expected_checks, metric_loaded, model_of_batches, model_of_whole_pairs,
+    published_events, seed,
 )
 
 

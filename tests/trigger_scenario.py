@@ -107,7 +107,8 @@ def seed(engine: Engine) -> dict[str, int]:
                 "VALUES (:t, :scope, :c, :o, :a, :v)"
             ), dict(t=ids[name], scope=scope, c=category_id, o=offer_id, a=affiliate_id, v=value))
         for offer_id, categories in OFFER_CATEGORIES.items():
-            conn.execute(text("INSERT INTO offers (id, name) VALUES (:id, :name)"), dict(id=offer_id, name=f"offer {offer_id}"))
+            conn.execute(text("INSERT INTO offers (id, name) VALUES (:id, :name)"),
+                         dict(id=offer_id, name=f"offer {offer_id}"))
             for category_id in categories:
                 conn.execute(text("INSERT INTO offer_categories (offer_id, category_id) VALUES (:o, :c)"),
                              dict(o=offer_id, c=category_id))
@@ -216,8 +217,8 @@ def actual_checks(engine: Engine) -> dict[CheckKey, ExpectedCheck]:
             "SELECT t.name, c.offer_id, c.affiliate_id, c.measured_at, c.value, c.threshold, c.status "
             "FROM trigger_checks c JOIN triggers t ON t.id = c.trigger_id"
         )).all()
-    checks = {(r.name, r.offer_id, r.affiliate_id, hour_of(r.measured_at)): ExpectedCheck(r.value, r.threshold, r.status)
-              for r in rows}
+    checks = {(r.name, r.offer_id, r.affiliate_id, hour_of(r.measured_at)):
+              ExpectedCheck(r.value, r.threshold, r.status) for r in rows}
     assert len(checks) == len(rows)
     return checks
 

@@ -53,7 +53,8 @@ def handle_trigger_checked(envelope: Envelope, engine: Engine) -> HandlerResult:
         checks = _load_checks(conn, sorted({item.check_id for item in batch.valid.values()}))
         for index, item in list(batch.valid.items()):
             if item.check_id not in checks:
-                batch.reject(index, "check_id", f"no trigger check {item.check_id} (unknown, or its trigger was deleted)")
+                batch.reject(index, "check_id",
+                             f"no trigger check {item.check_id} (unknown, or its trigger was deleted)")
         if not batch.valid:
             raise batch.nothing_valid_error()
 
