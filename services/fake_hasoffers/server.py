@@ -140,6 +140,9 @@ class FakeHasOffers:
 
         class RequestHandler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # Headers and body go out in two writes: without TCP_NODELAY every answer on a
+            # kept-alive connection waits ~40 ms for the client's delayed ACK.
+            disable_nagle_algorithm = True
 
             def do_GET(self) -> None:  # noqa: N802
                 fake._serve(self, b"")
