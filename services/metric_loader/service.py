@@ -1,11 +1,15 @@
-"""metric_loader: consumes its queue and, for now, logs what it receives."""
+"""metric_loader: consumes metric.load.requested, reads HasOffers, publishes metric.loaded."""
 
 from __future__ import annotations
 
+import functools
 import logging
+from urllib.parse import urlsplit
 
-from shared.bus import Handler, HandlerResult
-from shared.events import Envelope, parse_data
+from services.metric_loader.handler import LoaderConfig, handle
+from services.metric_loader.schedule import Schedule
+from shared.bus import Consumer, Handler
+from shared.hasoffers import HasOffersClient
 from shared.service import Context, run_service
 
 logger = logging.getLogger(__name__)
@@ -14,13 +18,28 @@ SERVICE = "metric_loader"
 
 
 def make_handler(context: Context) -> Handler:
-    def handle(envelope: Envelope) -> HandlerResult:
-        parse_data(envelope)
-        logger.info("received event_id=%s type=%s", envelope.event_id, envelope.type)
-        return HandlerResult()
+    settings = context.settings
+    client = None
+    if settings.hasoffers_network_id and settings.hasoffers_network_token:
+        client = HasOffersClient.from_settings(settings)  # one per process, shared by every load
+        # Scheme, host and path only: a misconfigured URL could carry parameters.
+        url = urlsplit(settings.hasoffers_base_url)
+        port = f":{url.port}" if url.port else ""
+        logger.info("HasOffers API at %s://%s%s%s, network %s", url.scheme, url.hostname, port, url.path,
+                    settings.hasoffers_network_id)
+    else:
+        # Start anyway (the queue must not back up unseen); every load fails with the reason.
+        logger.error("HASOFFERS_NETWORK_ID and HASOFFERS_NETWORK_TOKEN are not set: every load will fail")
+    return functools.partial(handle, engine=context.engine, client=client, config=LoaderConfig.from_settings(settings))
 
-    return handle
+
+def start_schedule(context: Context, consumer: Consumer) -> None:
+    s = context.settings
+    if not (s.kpi_schedule_metrics_seconds or s.kpi_schedule_reference_seconds):
+        return
+    Schedule(context.engine, context.publisher, metrics_seconds=s.kpi_schedule_metrics_seconds,
+             reference_seconds=s.kpi_schedule_reference_seconds, lookback_hours=s.kpi_lookback_hours).start()
 
 
 def main() -> int:
-    return run_service(SERVICE, make_handler)
+    return run_service(SERVICE, make_handler, background=start_schedule)

@@ -1,0 +1,157 @@
+"""metric.load.requested -> read HasOffers -> metric.loaded (or the reference tables).
+
+Per request: find or create its run (runs.py) -> read the whole report, every page of
+every part of the window -> compute all values -> mark the run succeeded -> return the
+batches for the consumer to publish. Nothing is returned before the whole report was
+read, so a failed run publishes nothing. The batches of a run always get the same
+event ids and the same measured_at, so a retried run is idempotent downstream.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Engine, text
+
+from services.metric_loader import metrics, reference, runs
+from services.metric_loader.metrics import OfferSettings, Totals
+from shared.bus import HandlerResult
+from shared.events import (
+    MAX_BATCH, METRIC_LOADED, REFERENCE, Envelope, MetricItem, MetricLoaded, MetricLoadRequested, new_event,
+    parse_data, stable_event_id,
+)
+from shared.hasoffers import HasOffersClient, HasOffersError
+
+logger = logging.getLogger(__name__)
+
+FIND_PAGE_SIZE_MAX = 1000
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    click_cost: float = 0.0
+    min_clicks: int = 0
+    min_conversions: int = 0
+    page_size: int = 10000
+    retry_limit: int = 5  # the consumer's KPI_RETRY_LIMIT: the run fails with the request
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> LoaderConfig:
+        return cls(click_cost=settings.kpi_click_cost, min_clicks=settings.kpi_min_clicks,
+                   min_conversions=settings.kpi_min_conversions, page_size=settings.kpi_report_page_size,
+                   retry_limit=settings.kpi_retry_limit)
+
+
+class NotConfiguredError(HasOffersError):
+    """No HasOffers credentials: every load fails with this reason."""
+
+
+def handle(envelope: Envelope, *, engine: Engine, client: HasOffersClient | None, config: LoaderConfig
+           ) -> HandlerResult:
+    request: MetricLoadRequested = parse_data(envelope)
+    event_id = str(envelope.event_id)
+    run = runs.open_run(engine, event_id, request.metric_key, request.lookback_hours)
+    if run is None:
+        logger.info("event_id=%s load of %s already succeeded; nothing to do", event_id, request.metric_key)
+        return HandlerResult()
+    logger.info("event_id=%s run_id=%d loading %s (look-back %dh, measured_at %s)", event_id, run.id,
+                run.metric_key, run.lookback_hours, run.measured_at.isoformat())
+    rows_read = 0
+    try:
+        if client is None:
+            raise NotConfiguredError("HasOffers credentials are not configured "
+                                     "(HASOFFERS_NETWORK_ID, HASOFFERS_NETWORK_TOKEN)")
+        if run.metric_key == REFERENCE:
+            rows_read = reference.load(client, engine, min(config.page_size, FIND_PAGE_SIZE_MAX))
+            values: list[tuple[int, int, float]] = []
+        else:
+            rows_read, values = load_metric(engine, client, config, run.metric_key, run.lookback_hours,
+                                            run.measured_at)
+    except HasOffersError as exc:  # permanent: the API refused, or answered nonsense
+        logger.error("event_id=%s run_id=%d load of %s failed: %s", event_id, run.id, run.metric_key, exc)
+        runs.fail(engine, run.id, str(exc), rows_read)
+        return HandlerResult()
+    except Exception as exc:  # transient (HasOffersUnavailableError, database) or a bug: try again
+        _attempt_failed(engine, run, config.retry_limit, exc, event_id)
+        raise
+
+    events = metric_events(run.id, event_id, run.metric_key, values, run.measured_at)
+    runs.succeed(engine, run.id, rows_read, len(values))
+    logger.info("event_id=%s run_id=%d %s: %d rows read, %d values in %d messages", event_id, run.id,
+                run.metric_key, rows_read, len(values), len(events))
+    return HandlerResult(events=events)
+
+
+def _attempt_failed(engine: Engine, run: runs.Run, retry_limit: int, exc: Exception, event_id: str) -> None:
+    attempt = run.attempts_failed + 1
+    reason = f"{type(exc).__name__}: {exc}"
+    try:
+        if attempt > retry_limit:  # the consumer dead-letters the request after this attempt
+            runs.fail(engine, run.id, f"gave up after {attempt} attempts: {reason}")
+            logger.error("event_id=%s run_id=%d failed for good after %d attempts: %s", event_id, run.id, attempt,
+                         reason)
+        else:
+            runs.record_attempt(engine, run.id, attempt, retry_limit + 1, reason)
+    except Exception as db_exc:  # the database may be what failed; the retry comes anyway
+        logger.warning("event_id=%s run_id=%d could not record the failure: %s", event_id, run.id, db_exc)
+
+
+def load_metric(engine: Engine, client: HasOffersClient, config: LoaderConfig, metric_key: str,
+                lookback_hours: int, measured_at: datetime) -> tuple[int, list[tuple[int, int, float]]]:
+    """Read every page of every part of the window; (rows read, values)."""
+    offers = monitored_offers(engine, config)
+    caps = conversion_caps(engine) if metric_key == "cap_fill" else {}
+    if metric_key == "gtr":  # offers without a tracked goal have no gtr
+        offers = {i: o for i, o in offers.items() if o.tracked_goal_id is not None}
+    elif metric_key == "cap_fill":  # a cap of 0 means no cap
+        capped = {o for o, _ in caps}
+        offers = {i: o for i, o in offers.items() if i in capped}
+    totals = Totals(sums={})
+    if offers:
+        start, end = metrics.window(measured_at, lookback_hours)
+        for period in metrics.window_filters(start, end):
+            params = metrics.report_params(metric_key, period, offers)
+            metrics.accumulate(totals, metric_key, client.get_stats(params, page_size=config.page_size), offers)
+    return totals.rows, metrics.values(metric_key, totals, offers, caps, lookback_hours, config.click_cost)
+
+
+MONITORED_SQL = """
+SELECT o.id, o.tracked_goal_id,
+       coalesce(o.min_clicks,
+                (SELECT c.min_clicks FROM offer_categories oc JOIN categories c ON c.id = oc.category_id
+                 WHERE oc.offer_id = o.id AND c.min_clicks IS NOT NULL ORDER BY oc.category_id LIMIT 1),
+                :min_clicks) AS min_clicks,
+       coalesce(o.min_conversions, :min_conversions) AS min_conversions
+FROM offers o WHERE o.monitoring
+"""
+
+
+def monitored_offers(engine: Engine, config: LoaderConfig) -> dict[int, OfferSettings]:
+    """Offers with monitoring on, minimum clicks resolved offer > category (smallest id) > general."""
+    with engine.connect() as conn:
+        rows = conn.execute(text(MONITORED_SQL), {"min_clicks": config.min_clicks,
+                                                  "min_conversions": config.min_conversions}).all()
+    return {r.id: OfferSettings(r.id, r.min_clicks, r.min_conversions, r.tracked_goal_id) for r in rows}
+
+
+def conversion_caps(engine: Engine) -> dict[tuple[int, int], int]:
+    with engine.connect() as conn:
+        rows = conn.execute(text(
+            "SELECT offer_id, affiliate_id, conversion_cap FROM conversion_caps WHERE conversion_cap > 0")).all()
+    return {(r.offer_id, r.affiliate_id): r.conversion_cap for r in rows}
+
+
+def metric_events(run_id: int, request_event_id: str, metric_key: str, values: Sequence[tuple[int, int, float]],
+                  measured_at: datetime) -> list[Envelope]:
+    """metric.loaded batches of at most MAX_BATCH items; event id = (run, batch number)."""
+    events = []
+    for number, start in enumerate(range(0, len(values), MAX_BATCH)):
+        items = [MetricItem(metric_key=metric_key, offer_id=o, affiliate_id=a, value=v, measured_at=measured_at)
+                 for o, a, v in values[start:start + MAX_BATCH]]
+        events.append(new_event(METRIC_LOADED, MetricLoaded(metrics=items), correlation_id=str(run_id),
+                                causation_id=request_event_id, event_id=stable_event_id(METRIC_LOADED, run_id, number)))
+    return events

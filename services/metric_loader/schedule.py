@@ -1,0 +1,119 @@
+"""The schedule: request every metric and the reference data at fixed intervals.
+
+Time is cut into slots aligned on the epoch (slot = floor(now / interval)), so every
+replica computes the same slots. A replica claims a slot by inserting its load run
+(UNIQUE (metric_key, schedule_slot)); only the replica whose INSERT went through
+publishes the request, so each slot is loaded once however many replicas run. The
+request's event_id is the run's request_event_id and its correlation_id the run id:
+the handler continues that run instead of creating another.
+
+A request whose publish failed is kept and published again on the next tick. If the
+process dies in between, that slot is not loaded; the next slot is (the values are a
+sliding window, so the next load covers the same ground).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+
+from sqlalchemy import Engine, text
+
+from shared.bus import CONNECTION_ERRORS, Bus, PublishError
+from shared.events import (
+    METRIC_KEYS, METRIC_LOAD_REQUESTED, REFERENCE, Envelope, MetricLoadRequested, new_event, stable_event_id,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def slot_of(now: float, interval: int) -> datetime:
+    return datetime.fromtimestamp(now - now % interval, timezone.utc)
+
+
+class Schedule:
+    def __init__(self, engine: Engine, make_bus: Callable[[], Bus], *, metrics_seconds: int, reference_seconds: int,
+                 lookback_hours: int, clock: Callable[[], float] = time.time, tick_seconds: float = 1.0):
+        self.engine = engine
+        self.make_bus = make_bus
+        # The reference first: on start-up its request goes out before the metrics'.
+        self.intervals = {key: seconds for key, seconds in
+                          [(REFERENCE, reference_seconds), *((k, metrics_seconds) for k in METRIC_KEYS)] if seconds}
+        self.lookback_hours = lookback_hours
+        self.clock = clock
+        self.tick_seconds = tick_seconds
+        self.stopping = threading.Event()
+        self._done: dict[str, datetime] = {}  # key -> last slot this replica dealt with
+        self._pending: list[Envelope] = []
+        self._bus: Bus | None = None
+
+    def start(self) -> threading.Thread:
+        thread = threading.Thread(target=self.run, name="metric-loader-schedule", daemon=True)
+        thread.start()
+        return thread
+
+    def run(self) -> None:
+        logger.info("schedule on: %s", ", ".join(f"{k} every {s}s" for k, s in self.intervals.items()))
+        while not self.stopping.is_set():
+            try:
+                self.tick()
+            except Exception:  # the schedule must outlive a bad tick; the next one tries again
+                logger.exception("schedule tick failed")
+            self.stopping.wait(self.tick_seconds)
+        if self._bus is not None:
+            self._bus.close()
+
+    def tick(self) -> None:
+        self.keep_alive()
+        now = self.clock()
+        for key, interval in self.intervals.items():
+            slot = slot_of(now, interval)
+            if self._done.get(key) == slot:
+                continue
+            event = self.claim(key, slot)  # raises on a database error: the slot is tried again next tick
+            self._done[key] = slot
+            if event is not None:
+                self._pending.append(event)
+        self.publish_pending()
+
+    def claim(self, key: str, slot: datetime) -> Envelope | None:
+        """The request for (key, slot) when this replica claimed it, else None."""
+        event_id = stable_event_id(METRIC_LOAD_REQUESTED, key, slot.isoformat())
+        with self.engine.begin() as conn:
+            run_id = conn.execute(text(
+                "INSERT INTO load_runs (request_event_id, metric_key, lookback_hours, schedule_slot, status)"
+                " VALUES (:event_id, :key, :lookback, :slot, 'requested') ON CONFLICT DO NOTHING RETURNING id"),
+                {"event_id": str(event_id), "key": key, "lookback": self.lookback_hours, "slot": slot}).scalar()
+        if run_id is None:
+            return None
+        logger.info("event_id=%s run_id=%d scheduled %s for slot %s", event_id, run_id, key, slot.isoformat())
+        return new_event(METRIC_LOAD_REQUESTED, MetricLoadRequested(metric_key=key, lookback_hours=self.lookback_hours),
+                         correlation_id=str(run_id), event_id=event_id)
+
+    def publish_pending(self) -> None:
+        while self._pending:
+            event = self._pending[0]
+            try:
+                if self._bus is None:
+                    self._bus = self.make_bus().connect()
+                self._bus.publish(event)
+            except (*CONNECTION_ERRORS, PublishError) as exc:
+                logger.warning("event_id=%s request not published yet (%s); trying again", event.event_id, exc)
+                if self._bus is not None:
+                    self._bus.close()
+                self._bus = None
+                return
+            self._pending.pop(0)
+
+    def keep_alive(self) -> None:
+        """Answer the broker's heartbeats: a blocking connection only does so when used."""
+        if self._bus is None or self._bus.connection is None:
+            return
+        try:
+            self._bus.connection.process_data_events(time_limit=0)
+        except CONNECTION_ERRORS:
+            self._bus.close()
+            self._bus = None
