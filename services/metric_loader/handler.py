@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import Engine, text
@@ -21,7 +21,7 @@ from services.metric_loader import metrics, reference, runs
 from services.metric_loader.metrics import OfferSettings, Totals
 from shared.bus import HandlerResult
 from shared.events import (
-    MAX_BATCH, METRIC_LOADED, REFERENCE, Envelope, MetricItem, MetricLoaded, MetricLoadRequested, new_event,
+    MAX_BATCH, METRIC_LOADED, REFERENCE, Envelope, MetricLoaded, MetricLoadRequested, new_event,
     parse_data, stable_event_id,
 )
 from shared.hasoffers import HasOffersClient, HasOffersError
@@ -148,10 +148,12 @@ def conversion_caps(engine: Engine) -> dict[tuple[int, int], int]:
 def metric_events(run_id: int, request_event_id: str, metric_key: str, values: Sequence[tuple[int, int, float]],
                   measured_at: datetime) -> list[Envelope]:
     """metric.loaded batches of at most MAX_BATCH items; event id = (run, batch number)."""
+    stamp = measured_at.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
     events = []
     for number, start in enumerate(range(0, len(values), MAX_BATCH)):
-        items = [MetricItem(metric_key=metric_key, offer_id=o, affiliate_id=a, value=v, measured_at=measured_at)
-                 for o, a, v in values[start:start + MAX_BATCH]]
-        events.append(new_event(METRIC_LOADED, MetricLoaded(metrics=items), correlation_id=str(run_id),
-                                causation_id=request_event_id, event_id=stable_event_id(METRIC_LOADED, run_id, number)))
+        data = {"metrics": [{"metric_key": metric_key, "offer_id": o, "affiliate_id": a, "value": v,
+                             "measured_at": stamp} for o, a, v in values[start:start + MAX_BATCH]]}
+        MetricLoaded.model_validate(data)  # the contract, checked once per batch rather than per item object
+        events.append(new_event(METRIC_LOADED, data, correlation_id=str(run_id), causation_id=request_event_id,
+                                event_id=stable_event_id(METRIC_LOADED, run_id, number)))
     return events

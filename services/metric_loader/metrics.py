@@ -109,14 +109,15 @@ def report_params(metric_key: str, period: Mapping[str, Any], offers: Mapping[in
 
 def _number(stat: Mapping[str, Any], name: str, integer: bool) -> float:
     raw = stat.get(name)
-    try:
-        value = int(raw) if integer else float(raw)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        # "12.0" as a count is still readable; anything else is not a number.
+    if integer:
         try:
-            value = float(raw)  # type: ignore[arg-type]
+            return int(raw)  # type: ignore[arg-type]
         except (TypeError, ValueError):
-            raise HasOffersResponseError(f"Report.getStats: {name} is not a number: {str(raw)[:40]!r}") from None
+            pass  # "12.0" as a count is still readable: try it as a float
+    try:
+        value = float(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise HasOffersResponseError(f"Report.getStats: {name} is not a number: {str(raw)[:40]!r}") from None
     if not math.isfinite(value):
         raise HasOffersResponseError(f"Report.getStats: {name} is not finite: {raw!r}")
     return value
@@ -134,6 +135,7 @@ def accumulate(totals: Totals, metric_key: str, rows: Iterable[Mapping[str, Any]
                offers: Mapping[int, OfferSettings]) -> None:
     """Add report rows to the per-pair sums. Rows of offers not monitored are dropped."""
     query = QUERIES[metric_key]
+    measures = [(m, m in INT_MEASURES) for m in query.measures]
     for stat in rows:
         totals.rows += 1
         offer_id = int(_number(stat, "offer_id", True))
@@ -152,8 +154,8 @@ def accumulate(totals: Totals, metric_key: str, rows: Iterable[Mapping[str, Any]
                 continue
             sums[name] = sums.get(name, 0) + _number(stat, "conversions", True)
             continue
-        for measure in query.measures:
-            sums[measure] = sums.get(measure, 0) + _number(stat, measure, measure in INT_MEASURES)
+        for measure, integer in measures:
+            sums[measure] = sums.get(measure, 0) + _number(stat, measure, integer)
 
 
 # -- the values ----------------------------------------------------------------------------

@@ -1,0 +1,153 @@
+"""Benchmark: load and publish a 100,000-row report from the fake HasOffers.
+
+    .venv/bin/python scripts/bench_loader.py [--rows 100000] [--repeat 3] [--page-size 10000]
+
+The fake runs in a child process (its own interpreter, as the real API would be), with
+one (offer, affiliate) pair per report row. Measured, best of --repeat:
+- baseline: just reading the report (Report.getStats, every page) with the client;
+- loader: the metric_loader handler (read, compute, record the run, build the batches)
+  plus publishing the batches with confirms to a throw-away exchange.
+Prints rows/s for both and their ratio. Needs the local PostgreSQL and RabbitMQ; creates
+and drops its own database and exchange.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import socket
+import statistics
+import sys
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+from sqlalchemy import text
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from services.fake_hasoffers.network import FakeOffer, Network, StatRow  # noqa: E402
+from services.fake_hasoffers.server import FakeHasOffers  # noqa: E402
+from services.metric_loader import metrics  # noqa: E402
+from services.metric_loader.handler import LoaderConfig, handle, monitored_offers  # noqa: E402
+from shared import migrate  # noqa: E402
+from shared.bus import SERVICE_BINDINGS, Bus, queue_names  # noqa: E402
+from shared.db import make_engine  # noqa: E402
+from shared.events import METRIC_LOAD_REQUESTED, MetricLoadRequested, new_event  # noqa: E402
+from shared.hasoffers import HasOffersClient  # noqa: E402
+
+TOKEN = "NETbench" + uuid.uuid4().hex[:8]
+OFFERS = 400
+
+
+def serve_fake(port: int, rows: int, ready: multiprocessing.Event) -> None:  # type: ignore[valid-type]
+    now = datetime.now(timezone.utc)
+    day, hour = now.strftime("%Y-%m-%d"), now.hour
+    affiliates = -(-rows // OFFERS)
+    stats = [StatRow(o, a, 0, day, hour, clicks=50 + (o * a) % 200, gross_clicks=60, conversions=(o + a) % 7,
+                     payout=1.0, revenue=1.5)
+             for o in range(1, OFFERS + 1) for a in range(1, affiliates + 1)][:rows]
+    network = Network(offers={o: FakeOffer(o, f"Offer {o}") for o in range(1, OFFERS + 1)}, stats=stats)
+    fake = FakeHasOffers(network, network_id="bench", network_token=TOKEN, rate_limit=(100_000, 10.0))
+    fake.start("127.0.0.1", port)
+    ready.set()
+    while True:
+        time.sleep(3600)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--page-size", type=int, default=10_000)
+    args = parser.parse_args()
+
+    pg_admin = os.environ.get("BENCH_PG_ADMIN_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
+    amqp_url = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+    name = f"kpi_bench_{uuid.uuid4().hex[:8]}"
+    exchange = f"kpi.bench.{uuid.uuid4().hex[:8]}"
+    admin = make_engine(pg_admin, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = pg_admin.rsplit("/", 1)[0] + f"/{name}"
+    port = free_port()
+    ready = multiprocessing.Event()
+    server = multiprocessing.Process(target=serve_fake, args=(port, args.rows, ready), daemon=True)
+    server.start()
+    engine = bus = client = None
+    try:
+        migrate.upgrade(url)
+        engine = make_engine(url)
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO offers (id, name) SELECT g, 'Offer ' || g FROM generate_series(1, :n) g"),
+                         {"n": OFFERS})
+        bus = Bus(amqp_url, exchange, name="hasoffers-kpi bench").connect()
+        if not ready.wait(120):
+            raise RuntimeError("the fake did not start")
+        client = HasOffersClient(f"http://127.0.0.1:{port}/Apiv3/json", "bench", TOKEN, timeout=120)
+        config = LoaderConfig(page_size=args.page_size)
+
+        offers = monitored_offers(engine, config)
+        start, end = metrics.window(datetime.now(timezone.utc), 24)
+        params_list = [metrics.report_params("cr", period, offers) for period in metrics.window_filters(start, end)]
+
+        def read_only() -> int:
+            return sum(1 for params in params_list for _ in client.get_stats(params, page_size=args.page_size))
+
+        warm = read_only()  # the fake aggregates each query once, then serves pages from memory
+        assert warm == args.rows, f"the report has {warm} rows, expected {args.rows}"
+
+        baseline, loads, publishes, values = [], [], [], 0
+        for _ in range(args.repeat):
+            began = time.perf_counter()
+            read_only()
+            baseline.append(time.perf_counter() - began)
+
+            request = new_event(METRIC_LOAD_REQUESTED, MetricLoadRequested(metric_key="cr", lookback_hours=24))
+            began = time.perf_counter()
+            result = handle(request, engine=engine, client=client, config=config)
+            handled = time.perf_counter()
+            bus.publish_many(result.events)
+            done = time.perf_counter()
+            loads.append(done - began)
+            publishes.append(done - handled)
+            values = sum(len(e.data["metrics"]) for e in result.events)
+            bus.channel.queue_purge(queue_names(exchange, "trigger_checker").work)
+
+        best_read, best_load = min(baseline), min(loads)
+        print(f"report: {args.rows} rows, {len(params_list)} window part(s), page size {args.page_size}, "
+              f"{values} values in {-(-values // 1000)} messages")
+        print(f"baseline (read only):   {best_read:6.2f} s  {args.rows / best_read:10,.0f} rows/s")
+        print(f"loader (read+publish):  {best_load:6.2f} s  {args.rows / best_load:10,.0f} rows/s"
+              f"   (of which publishing {statistics.median(publishes):.2f} s)")
+        print(f"ratio loader/baseline:  {best_load / best_read:6.2f}x")
+        return 0
+    finally:
+        if client is not None:
+            client.close()
+        if bus is not None:
+            for service in SERVICE_BINDINGS:
+                names = queue_names(exchange, service)
+                for queue in (names.work, names.retry, names.dead):
+                    bus.channel.queue_delete(queue)
+            bus.channel.exchange_delete(exchange)
+            bus.close()
+        if engine is not None:
+            engine.dispose()
+        server.terminate()
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
