@@ -24,6 +24,8 @@ from shared.hasoffers import HasOffersResponseError
 # Above this many offers the report is not filtered by offer id on the server (the
 # request would get huge); rows of other offers are dropped here instead.
 OFFER_FILTER_LIMIT = 500
+# Ids are `integer` columns downstream; a larger id could never be stored or checked.
+MAX_ID = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -141,7 +143,7 @@ def accumulate(totals: Totals, metric_key: str, rows: Iterable[Mapping[str, Any]
         offer_id = int(_number(stat, "offer_id", True))
         affiliate_id = int(_number(stat, "affiliate_id", True))
         offer = offers.get(offer_id)
-        if offer is None or affiliate_id <= 0:
+        if offer is None or not 0 < affiliate_id <= MAX_ID:
             continue
         sums = totals.sums.setdefault((offer_id, affiliate_id), {})
         if query.by_goal:
