@@ -51,14 +51,14 @@ INSERT INTO actions (name, active) VALUES
 ON CONFLICT (name) DO NOTHING;
 
 -- 'warn on low CR': when min CR goes to PROBLEM, mail the affiliate and their manager.
--- 'reject fraud': when max CR is in PROBLEM and clicks without conversions too, reject
--- the affiliate on the offer and tell the administrators.
+-- 'reject fraud': when max CR is in PROBLEM and the conversion cap is blown through too,
+-- reject the affiliate on the offer and tell the administrators.
 INSERT INTO action_conditions (action_id, trigger_id, trigger_status)
 SELECT a.id, t.id, v.status
 FROM (VALUES
     ('warn on low CR', 'min CR',            'PROBLEM'),
     ('reject fraud',   'max CR',            'PROBLEM'),
-    ('reject fraud',   'clicks, zero conv', 'PROBLEM')
+    ('reject fraud',   'cap fill',          'PROBLEM')
 ) AS v(action_name, trigger_name, status)
 JOIN actions a ON a.name = v.action_name
 JOIN triggers t ON t.name = v.trigger_name
