@@ -12,9 +12,10 @@ from services.fake_hasoffers.server import FakeHasOffers
 from services.metric_loader import metrics
 from services.metric_loader.handler import LoaderConfig, handle
 from services.metric_loader.metrics import OfferSettings, Totals
+from services.metric_loader.schedule import Schedule
 from shared.bus import HandlerResult
 from shared.events import (
-    METRIC_LOAD_REQUESTED, MetricLoaded, MetricLoadRequested, encode, new_event, parse_data, parse_envelope,
+    METRIC_KEYS, METRIC_LOAD_REQUESTED, REFERENCE, MetricLoaded, MetricLoadRequested, encode, new_event, parse_data, parse_envelope,
 )
 from shared.hasoffers import HasOffersClient, HasOffersResponseError
 
@@ -149,3 +150,48 @@ def test_the_handler_publishes_batches_of_1000_with_one_measured_at_and_stable_i
         run = conn.execute(text("SELECT * FROM load_runs")).one()
     assert (run.status, run.rows_read, run.values_published) == ("succeeded", 2500, 2500)
     assert {e.correlation_id for e in result.events} == {str(run.id)}
+
+
+# -- the schedule --------------------------------------------------------------------------------
+
+
+class FlakyBus:
+    """Stands in for shared.bus.Bus: refuses the first `failures` publishes."""
+
+    def __init__(self, sent: list, failures: int):
+        self.sent, self.failures, self.connection = sent, failures, None
+
+    def connect(self) -> "FlakyBus":
+        return self
+
+    def publish(self, event) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("broker gone")
+        self.sent.append(event)
+
+    def close(self) -> None:
+        pass
+
+
+def test_the_schedule_claims_each_slot_once_and_publishes_until_it_went_out(db):
+    now = [1_000_000.0]
+    sent: list = []
+    flaky = [FlakyBus(sent, failures=1)]
+    replicas = [Schedule(db, lambda: flaky.pop() if flaky else FlakyBus(sent, 0), metrics_seconds=60,
+                         reference_seconds=3600, lookback_hours=12, clock=lambda: now[0]) for _ in range(2)]
+    replicas[0].tick()  # claims the slots of all six, cannot publish
+    replicas[1].tick()  # finds them claimed
+    assert sent == []
+    replicas[0].tick()  # same slots: publishes what is pending
+    assert sorted(e.data["metric_key"] for e in sent) == sorted([*METRIC_KEYS, REFERENCE])
+    now[0] += 60  # the next metrics slot; the reference slot is still the same
+    for replica in reversed(replicas):
+        replica.tick()
+    with db.connect() as conn:
+        runs = conn.execute(text("SELECT * FROM load_runs ORDER BY id")).all()
+    assert len(runs) == len(sent) == 11
+    for run, event in zip(runs, sent):
+        assert (str(event.event_id), event.correlation_id) == (run.request_event_id, str(run.id))
+        assert (event.data["metric_key"], event.data["lookback_hours"]) == (run.metric_key, 12)
+        assert run.status == "requested" and run.schedule_slot.timestamp() % 60 == 0

@@ -143,7 +143,7 @@ def accumulate(totals: Totals, metric_key: str, rows: Iterable[Mapping[str, Any]
         offer_id = int(_number(stat, "offer_id", True))
         affiliate_id = int(_number(stat, "affiliate_id", True))
         offer = offers.get(offer_id)
-        if offer is None or not 0 < affiliate_id <= MAX_ID:
+        if offer is None or not 0 < offer_id <= MAX_ID or not 0 < affiliate_id <= MAX_ID:
             continue
         sums = totals.sums.setdefault((offer_id, affiliate_id), {})
         if query.by_goal:
