@@ -345,6 +345,24 @@ class TriggerEvent(Base):
     created_at: Mapped[datetime] = mapped_column(TZ, server_default=func.now())
 
 
+class ActionFiring(Base):
+    """One row per episode in which all of an action's conditions hold for a pair.
+
+    The episode is named by when each condition's status began (trigger id and `since`
+    of each condition), so two events that both complete the same conjunction (one for
+    each condition) fire the action once, not twice.
+    """
+
+    __tablename__ = "action_firings"
+    __table_args__ = (PrimaryKeyConstraint("action_id", "offer_id", "affiliate_id", "episode"),)
+    action_id: Mapped[int] = mapped_column(ForeignKey("actions.id", ondelete="CASCADE"))
+    offer_id: Mapped[int] = mapped_column(Integer)
+    affiliate_id: Mapped[int] = mapped_column(Integer)
+    episode: Mapped[str] = mapped_column(Text)
+    trigger_event_id: Mapped[int] = mapped_column(ForeignKey("trigger_events.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(TZ, server_default=func.now())
+
+
 class OperationRun(Base):
     __tablename__ = "operation_runs"
     __table_args__ = (

@@ -4,6 +4,7 @@ server and the fake HasOffers HTTP server (the process-level tests are in test_a
 from __future__ import annotations
 
 import threading
+from datetime import timedelta
 from collections.abc import Iterator
 
 import pytest
@@ -27,6 +28,7 @@ from shared.settings import Settings
 from tests.action_runner_support import (
     AFFILIATE,
     LONELY_AFFILIATE,
+    MEASURED_AT,
     OFFER,
     OFFER_APPROVAL,
     TRIGGER,
@@ -208,6 +210,28 @@ def test_an_action_with_two_conditions_fires_only_when_both_hold(world, mailer):
     run(world, envelope_of(fourth), mailer)
     assert [(r["trigger_event_id"], r["action_id"]) for r in runs(world)] == [(fourth.trigger_event_id, action)]
     assert len(mailer.sent) == 1
+
+
+def test_two_events_completing_the_same_conjunction_fire_the_action_once(world, mailer):
+    """Both conditions' events arrive after both states are in PROBLEM: one firing, one mail."""
+    action = one_action(world, "email_administrators", conditions=[(TRIGGER, "PROBLEM"), (TRIGGER_2, "PROBLEM")])
+    first = new_trigger_event(world)
+    second = new_trigger_event(world, trigger_id=TRIGGER_2, value=900.0, threshold=500.0)
+    for event in (first, second, first, second):
+        run(world, envelope_of(event), mailer)
+    assert [(r["trigger_event_id"], r["action_id"]) for r in runs(world)] == [(first.trigger_event_id, action)]
+    assert len(mailer.sent) == 1
+
+    # TRIGGER_2 recovers and breaks again later: a new episode, a new firing.
+    later = MEASURED_AT + timedelta(hours=1)
+    with world.begin() as conn:
+        conn.execute(text("UPDATE trigger_states SET since = :m, measured_at = :m WHERE trigger_id = :t"),
+                     {"m": later, "t": TRIGGER_2})
+        third = add_trigger_event(conn, trigger_id=TRIGGER_2, value=800.0, threshold=500.0)
+    third = third.model_copy(update={"measured_at": later})
+    run(world, envelope_of(third), mailer)
+    assert [r["trigger_event_id"] for r in runs(world)] == [first.trigger_event_id, third.trigger_event_id]
+    assert len(mailer.sent) == 2
 
 
 def test_only_active_actions_with_a_matching_condition_fire(world, mailer):

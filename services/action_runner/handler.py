@@ -36,6 +36,7 @@ from shared.bus import DeadLetter, HandlerResult, RetryableError
 from shared.db import (
     Action,
     ActionCondition,
+    ActionFiring,
     ActionOperation,
     Offer,
     Operation,
@@ -165,6 +166,9 @@ def _ensure_runs(conn: Connection, event: TriggerEvent) -> list[tuple[int, str]]
     runs = _runs_of(conn, event.trigger_event_id)
     if runs:
         return runs
+    firing = [a for a in conn.execute(firing_actions(event)).scalars() if _claim_episode(conn, event, a)]
+    if not firing:
+        return []
     conn.execute(
         pg_insert(OperationRun)
         .from_select(
@@ -172,12 +176,56 @@ def _ensure_runs(conn: Connection, event: TriggerEvent) -> list[tuple[int, str]]
             select(literal(event.trigger_event_id), ActionOperation.action_id, ActionOperation.operation_id,
                    Operation.kind, literal("pending"))
             .join(Operation, Operation.id == ActionOperation.operation_id)
-            .where(ActionOperation.action_id.in_(firing_actions(event)))
+            .where(ActionOperation.action_id.in_(firing))
             .order_by(ActionOperation.action_id, ActionOperation.operation_id),
         )
         .on_conflict_do_nothing(index_elements=["trigger_event_id", "action_id", "operation_id"])
     )
     return _runs_of(conn, event.trigger_event_id)
+
+
+def episode_of(conn: Connection, event: TriggerEvent, action_id: int) -> str:
+    """Names the episode in which all the action's conditions hold: for each condition,
+    its trigger and when its status began (the event's own measured_at for the event's
+    trigger, the state's `since` for the others). Two events that complete the same
+    conjunction name the same episode."""
+    rows = conn.execute(
+        select(ActionCondition.trigger_id, TriggerState.since)
+        .outerjoin(TriggerState, and_(TriggerState.trigger_id == ActionCondition.trigger_id,
+                                      TriggerState.offer_id == event.offer_id,
+                                      TriggerState.affiliate_id == event.affiliate_id))
+        .where(ActionCondition.action_id == action_id)
+        .distinct().order_by(ActionCondition.trigger_id)
+    ).all()
+    parts = []
+    for trigger_id, since in rows:
+        began = event.measured_at if trigger_id == event.trigger_id else since
+        parts.append(f"{trigger_id}@{began.isoformat()}")
+    return ";".join(parts)
+
+
+def _claim_episode(conn: Connection, event: TriggerEvent, action_id: int) -> bool:
+    """True when this event is the one that fires the action for its episode.
+
+    A second event completing the same conjunction (the other condition's change) finds
+    the episode claimed and fires nothing: one reject, not two.
+    """
+    episode = episode_of(conn, event, action_id)
+    conn.execute(
+        pg_insert(ActionFiring)
+        .values(action_id=action_id, offer_id=event.offer_id, affiliate_id=event.affiliate_id,
+                episode=episode, trigger_event_id=event.trigger_event_id)
+        .on_conflict_do_nothing()
+    )
+    owner = conn.execute(
+        select(ActionFiring.trigger_event_id).where(
+            ActionFiring.action_id == action_id, ActionFiring.offer_id == event.offer_id,
+            ActionFiring.affiliate_id == event.affiliate_id, ActionFiring.episode == episode)
+    ).scalar_one()
+    if owner != event.trigger_event_id:
+        logger.info("trigger_event %d: action %d already fired for this episode by trigger_event %d",
+                    event.trigger_event_id, action_id, owner)
+    return owner == event.trigger_event_id
 
 
 def _runs_of(conn: Connection, trigger_event_id: int) -> list[tuple[int, str]]:
