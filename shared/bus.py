@@ -99,6 +99,9 @@ class HandlerResult:
     dead_letters: list[DeadLetter] = field(default_factory=list)
     # Published without `mandatory`: notices nobody of ours consumes (operation.executed).
     notices: list[Envelope] = field(default_factory=list)
+    # Runs after every output is confirmed and before the ack: record "published" here.
+    # If it raises, the message is retried and the handler publishes the same events again.
+    after_publish: Callable[[], None] | None = None
 
 
 Handler = Callable[[Envelope], HandlerResult | None]
@@ -366,6 +369,8 @@ class Consumer:
                 self._dead_letter(dead.body, properties, method.routing_key, dead.reason)
             self.bus.publish_many(result.events)
             self.bus.publish_many(result.notices, mandatory=False)
+            if result.after_publish is not None:
+                result.after_publish()
             outcome = "handled" if not result.dead_letters else "handled_partly"
         except InvalidMessageError as exc:
             self._dead_letter(body, properties, method.routing_key, str(exc))

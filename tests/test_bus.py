@@ -186,3 +186,19 @@ def test_handler_outputs_are_published_before_the_ack(bus, exchange):
         wait_for(lambda: queue_depth(queue_names(exchange, "event_detector").work) == 1)
     [(properties, body)] = drain(queue_names(exchange, "event_detector").work)
     assert properties.message_id == str(out.event_id) and properties.delivery_mode == 2
+
+
+def test_after_publish_runs_once_the_outputs_are_confirmed(bus, exchange):
+    out = new_event("trigger.checked", {"checks": []})
+    seen = []
+
+    def handler(envelope):
+        def published():
+            # the output is already on its queue when the hook runs
+            seen.append(queue_depth(queue_names(exchange, "event_detector").work))
+        return HandlerResult(events=[out], after_publish=published)
+
+    with running(make_consumer(exchange, handler)) as consumer:
+        bus.publish(metric_event())
+        wait_for(lambda: consumer.stats.handled == 1)
+    assert seen == [1]
