@@ -138,12 +138,19 @@ def test_the_handler_publishes_batches_of_1000_with_one_measured_at_and_stable_i
         values = {item["affiliate_id"]: item["value"] for e in result.events for item in e.data["metrics"]}
         assert values[3] == 0 and values[4] == 1 / 40 and values[5] == 2 / 40
 
-        # Delivered again: the run succeeded, nothing to do.
+        # Delivered again before the batches were confirmed: the same batches again.
+        retried = handle(request, engine=db, client=client, config=config)
+        assert [(e.event_id, e.data) for e in retried.events] == [(e.event_id, e.data) for e in result.events]
+        with db.connect() as conn:
+            assert conn.execute(text("SELECT status FROM load_runs")).scalar() == "running"
+        retried.after_publish()  # what the consumer does once they are confirmed
+        # Delivered again after that: the run succeeded, nothing to do.
         assert handle(request, engine=db, client=client, config=config) == HandlerResult()
         # Replayed after it failed: the same run again, with the same ids and measured_at.
         with db.begin() as conn:
             conn.execute(text("UPDATE load_runs SET status = 'failed'"))
         again = handle(request, engine=db, client=client, config=config)
+        again.after_publish()
     assert [e.event_id for e in again.events] == [e.event_id for e in result.events]
     assert again.events[0].data == result.events[0].data
     with db.connect() as conn:

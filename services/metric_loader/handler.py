@@ -1,10 +1,11 @@
 """metric.load.requested -> read HasOffers -> metric.loaded (or the reference tables).
 
 Per request: find or create its run (runs.py) -> read the whole report, every page of
-every part of the window -> compute all values -> mark the run succeeded -> return the
-batches for the consumer to publish. Nothing is returned before the whole report was
-read, so a failed run publishes nothing. The batches of a run always get the same
-event ids and the same measured_at, so a retried run is idempotent downstream.
+every part of the window -> compute all values -> return the batches for the consumer
+to publish, and mark the run succeeded once they are confirmed (after_publish). Nothing
+is returned before the whole report was read, so a failed run publishes nothing. The
+batches of a run always get the same event ids and the same measured_at, so a retried
+run is idempotent downstream.
 """
 
 from __future__ import annotations
@@ -80,10 +81,15 @@ def handle(envelope: Envelope, *, engine: Engine, client: HasOffersClient | None
         raise
 
     events = metric_events(run.id, event_id, run.metric_key, values, run.measured_at)
-    runs.succeed(engine, run.id, rows_read, len(values))
     logger.info("event_id=%s run_id=%d %s: %d rows read, %d values in %d messages", event_id, run.id,
                 run.metric_key, rows_read, len(values), len(events))
-    return HandlerResult(events=events)
+
+    def published() -> None:
+        # Only once every batch is confirmed: a request redelivered before that finds its
+        # run still running and publishes the same batches again.
+        runs.succeed(engine, run.id, rows_read, len(values))
+
+    return HandlerResult(events=events, after_publish=published)
 
 
 def _attempt_failed(engine: Engine, run: runs.Run, retry_limit: int, exc: Exception, event_id: str) -> None:
