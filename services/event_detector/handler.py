@@ -151,7 +151,7 @@ def _write_states(conn: Connection, updates: list[tuple[Pair, PairState]]) -> No
     conn.execute(
         update(trigger_states)
         .values(status=v.c.status, since=v.c.since, measured_at=v.c.measured_at, check_id=v.c.check_id,
-                value=v.c.value, threshold=v.c.threshold, updated_at=func.now())
+                value=v.c.value, threshold=v.c.threshold, updated_at=func.clock_timestamp())
         .where(s.trigger_id == v.c.trigger_id, s.offer_id == v.c.offer_id, s.affiliate_id == v.c.affiliate_id)
     )
 
