@@ -359,6 +359,11 @@ class Consumer:
     # -- one message --------------------------------------------------------------------
 
     def _on_message(self, channel: BlockingChannel, method: Any, properties: pika.BasicProperties, body: bytes) -> None:
+        if self._stopping.is_set():
+            # Deliveries keep arriving while we publish; once asked to stop, hand them back
+            # untouched so SIGTERM does not wait for the queue to drain.
+            channel.basic_nack(method.delivery_tag, requeue=True)
+            return
         started = time.monotonic()
         event_id = properties.message_id or "-"
         try:

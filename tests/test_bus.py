@@ -202,3 +202,16 @@ def test_after_publish_runs_once_the_outputs_are_confirmed(bus, exchange):
         bus.publish(metric_event())
         wait_for(lambda: consumer.stats.handled == 1)
     assert seen == [1]
+
+
+def test_stop_hands_back_what_it_holds_instead_of_draining_the_queue(bus, exchange):
+    handled = []
+    consumer = make_consumer(exchange, lambda e: (handled.append(e.event_id), consumer.stop()), prefetch=50)
+    events = [metric_event() for _ in range(20)]
+    for event in events:
+        bus.publish(event)
+    with running(consumer):
+        wait_for(lambda: handled, what="the first message")
+    # stop() was asked during the first message: every other delivery went back to the queue
+    assert len(handled) == 1
+    wait_for(lambda: queue_depth(queue_names(exchange, "trigger_checker").work) == 19)
