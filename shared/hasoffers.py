@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 from urllib.parse import urlencode
@@ -82,6 +83,8 @@ class HasOffersClient:
         max_attempts: int = 5,
         backoff_seconds: float = 1.0,
         rate_limit_pause_seconds: float = 2.0,
+        calls_per_window: int = 50,
+        window_seconds: float = 10.0,
         transport: httpx.BaseTransport | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ):
@@ -94,6 +97,11 @@ class HasOffersClient:
         self.backoff_seconds = backoff_seconds
         self.rate_limit_pause_seconds = rate_limit_pause_seconds
         self._sleep = sleep
+        # Stay under the network's limit (50 calls / 10 s) instead of running into it:
+        # a rate-limit answer costs a whole pause, a wait here only what is needed.
+        self.calls_per_window = calls_per_window
+        self.window_seconds = window_seconds
+        self._recent_calls: deque[float] = deque()
         self._http = httpx.Client(timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)), transport=transport)
 
     @classmethod
@@ -135,15 +143,20 @@ class HasOffersClient:
                 logger.warning("%s attempt %d/%d failed (%s); retrying in %.1fs",
                                name, attempt - 1, self.max_attempts, last_problem, pause)
                 self._sleep(pause)
+            self._throttle()
             try:
                 answer = self._http.post(self.base_url, params={"NetworkId": self.network_id}, content=body,
                                          headers={"Content-Type": "application/x-www-form-urlencoded"})
             except httpx.TimeoutException as exc:
+                self._recent_calls.append(time.monotonic())
                 last_problem = f"timeout ({type(exc).__name__})"
                 continue
             except httpx.TransportError as exc:
                 last_problem = self._scrub(f"connection error ({type(exc).__name__}: {exc})")
                 continue
+            # Counted when the answer is in: the server saw the call before that, so our
+            # window never ends earlier than the server's.
+            self._recent_calls.append(time.monotonic())
             if answer.status_code >= 500 or answer.status_code == 429:
                 last_problem = f"HTTP {answer.status_code}"
                 continue
@@ -159,6 +172,16 @@ class HasOffersClient:
                 continue
             raise HasOffersApiError(name, self._scrub(message))
         raise HasOffersUnavailableError(f"{name}: gave up after {self.max_attempts} attempts: {last_problem}")
+
+    def _throttle(self) -> None:
+        now = time.monotonic()
+        while self._recent_calls and self._recent_calls[0] <= now - self.window_seconds:
+            self._recent_calls.popleft()
+        if len(self._recent_calls) >= self.calls_per_window:
+            wait = self._recent_calls[0] + self.window_seconds - now
+            if wait > 0:
+                self._sleep(wait)
+            self._recent_calls.popleft()
 
     def _envelope(self, name: str, answer: httpx.Response) -> dict[str, Any]:
         try:

@@ -1,6 +1,7 @@
 """The HasOffers client over real HTTP against the fake server."""
 
 import logging
+import time
 
 import pytest
 
@@ -123,3 +124,14 @@ def test_the_token_never_reaches_a_log_line_or_an_error(fake, caplog):
     assert caplog.records  # the retries were logged...
     assert TOKEN not in caplog.text  # ...without the token
     assert all(TOKEN not in e for e in errors)
+
+
+def test_the_client_stays_under_the_rate_limit_instead_of_hitting_it(fake):
+    fake.rate_limit_calls, fake.rate_limit_window = 5, 1.0
+    with HasOffersClient(fake.base_url, "net1", TOKEN, max_attempts=1, calls_per_window=5,
+                         window_seconds=1.0) as client:
+        started = time.monotonic()
+        for _ in range(12):
+            client.find_offer(1)  # max_attempts=1: one rate-limit answer would raise
+        elapsed = time.monotonic() - started
+    assert elapsed >= 2.0  # 12 calls at 5 per second need two waits
