@@ -74,17 +74,6 @@ def parse_params(pairs: list[tuple[str, str]]) -> dict[str, Any]:
     return result
 
 
-def as_list(value: Any) -> list[Any]:
-    """`values` may come as a scalar, `values[]=` or `values[0]=`."""
-    if value is None:
-        return []
-    if isinstance(value, list):
-        return value
-    if isinstance(value, dict):
-        return [value[k] for k in sorted(value, key=lambda k: int(k) if str(k).isdigit() else 0)]
-    return [value]
-
-
 def as_int(value: Any, name: str) -> int:
     try:
         return int(value)
@@ -342,7 +331,7 @@ def offer_find_by_id(fake: FakeHasOffers, params: dict[str, Any]) -> Any:
         raise FakeApiError("Row id is negative")
     if offer_id not in fake.network.offers:
         return None
-    return offer_record(fake, offer_id, "OfferCategory" in as_list(params.get("contain")))
+    return offer_record(fake, offer_id, "OfferCategory" in queries.as_values(params.get("contain")))
 
 
 def _approval_target(fake: FakeHasOffers, params: dict[str, Any]) -> tuple[int, int]:
