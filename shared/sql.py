@@ -3,18 +3,26 @@
 A batch goes to PostgreSQL as one array per column and comes back as rows through
 `unnest`, so a statement costs one round trip whatever the batch size, and its text
 (hence SQLAlchemy's compiled-statement cache) does not depend on the number of rows.
+
+Each array travels as ONE text parameter in PostgreSQL's array syntax (`'{1,2,3}'`)
+cast to its type, not as psycopg2's `ARRAY[1, 2, 3]`: the server parses the latter as
+an expression per element, which cost ~10x more than the whole write for batches of
+thousands of rows (measured: 2000 rows x 9 columns, 29 ms against 3.6 ms).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import Engine, column, func, literal
+from sqlalchemy import Engine, Text, cast, column, func, literal
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.selectable import TableValuedAlias
 from sqlalchemy.types import TypeEngine
 
@@ -25,9 +33,42 @@ from shared.bus import RetryableError
 _TRANSIENT_SQLSTATES = {"40001", "40P01", "55P03", "57P01", "57P02", "57P03"}
 
 
+def _quoted(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _element(value: Any) -> str:
+    """One element of an array literal, exact: floats by repr (shortest round trip)."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return "t" if value else "f"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "NaN"
+        if math.isinf(value):
+            return "Infinity" if value > 0 else "-Infinity"
+        return repr(value)
+    if isinstance(value, (datetime, date)):
+        return _quoted(value.isoformat())
+    return _quoted(str(value))
+
+
+def array_literal(values: Iterable[Any]) -> str:
+    """`values` in PostgreSQL's array input syntax: `{1,NULL,"it's"}`."""
+    return "{" + ",".join(map(_element, values)) + "}"
+
+
+def array(values: Iterable[Any], type_: TypeEngine[Any]) -> ColumnElement[Any]:
+    """`CAST(:param AS type[])` of `values`: one bound parameter whatever their number."""
+    return cast(literal(array_literal(values), Text()), ARRAY(type_))
+
+
 def unnest(columns: Mapping[str, TypeEngine[Any]], rows: Sequence[Sequence[Any]], name: str = "v") -> TableValuedAlias:
     """`unnest(array, array, ...) AS name(col, col, ...)` of `rows` (tuples in `columns` order)."""
-    arrays = [literal([row[i] for row in rows], ARRAY(type_)) for i, type_ in enumerate(columns.values())]
+    arrays = [array([row[i] for row in rows], type_) for i, type_ in enumerate(columns.values())]
     return (
         func.unnest(*arrays)
         .table_valued(*(column(col, type_) for col, type_ in columns.items()))

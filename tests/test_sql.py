@@ -3,11 +3,11 @@
 from datetime import datetime, timezone
 
 import pytest
-from sqlalchemy import BigInteger, DateTime, Double, Text, select, text
+from sqlalchemy import BigInteger, Boolean, DateTime, Double, Text, func, select, text
 from sqlalchemy.exc import IntegrityError
 
 from shared.bus import RetryableError
-from shared.sql import transaction, unnest
+from shared.sql import array, transaction, unnest
 
 
 def test_unnest_round_trips_rows_of_every_type(engine):
@@ -30,3 +30,19 @@ def test_other_database_errors_pass_through(engine):
     with pytest.raises(IntegrityError):
         with transaction(engine) as conn:
             conn.execute(text("DO $$ BEGIN RAISE EXCEPTION 'dup' USING ERRCODE = 'unique_violation'; END $$"))
+
+
+def test_arrays_travel_exactly_as_one_parameter(engine):
+    texts = ['it\'s', 'a "quote"', "back\\slash", "{braces},commas", "NULL", "", "  spaced  ", "ünï"]
+    floats = [0.1, 1e-300, 5e-324, -0.0, 1.7976931348623157e308, float("inf"), float("-inf")]
+    at = datetime(2026, 11, 28, 10, 0, 0, 123456, tzinfo=timezone.utc)
+    v = unnest({"n": BigInteger(), "key": Text()}, list(enumerate(texts)))
+    with engine.connect() as conn:
+        assert [r.key for r in conn.execute(select(*v.c).order_by(v.c.n))] == texts
+        assert conn.execute(select(func.unnest(array(floats, Double())))).scalars().all() == floats
+        assert conn.execute(select(func.unnest(array([at, None], DateTime(timezone=True))))).scalars().all() == [
+            at, None]
+        assert conn.execute(select(func.unnest(array([True, False, None], Boolean())))).scalars().all() == [
+            True, False, None]
+        [nan] = conn.execute(select(func.unnest(array([float("nan")], Double())))).scalars().all()
+        assert nan != nan

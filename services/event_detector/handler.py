@@ -15,8 +15,8 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 
-from sqlalchemy import BigInteger, Double, Integer, Text, and_, any_, false, func, literal, select, update
-from sqlalchemy.dialects.postgresql import ARRAY, insert
+from sqlalchemy import BigInteger, Double, Integer, Text, and_, any_, false, func, select, update
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.engine import Connection, Engine
 
 from shared.batch import split_batch
@@ -27,7 +27,7 @@ from shared.events import (
     MAX_CHECKS, TRIGGER_EVENT_OK, TRIGGER_EVENT_PROBLEM, CheckItem, Envelope, TriggerEvent, new_event,
     stable_event_id,
 )
-from shared.sql import transaction, unnest
+from shared.sql import array, transaction, unnest
 from services.event_detector.state import Change, Check, PairState, apply_checks, start
 
 logger = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ def _load_checks(conn: Connection, check_ids: list[int]) -> dict[int, tuple[Pair
     rows = conn.execute(
         select(c.id, c.trigger_id, c.offer_id, c.affiliate_id, c.status, c.measured_at, c.value, c.threshold)
         .join(triggers, triggers.c.id == c.trigger_id)
-        .where(c.id == any_(literal(check_ids, ARRAY(BigInteger()))))
+        .where(c.id == any_(array(check_ids, BigInteger())))
     )
     return {
         r.id: ((r.trigger_id, r.offer_id, r.affiliate_id), Check(r.id, r.status, r.measured_at, r.value, r.threshold))
@@ -183,7 +183,7 @@ def _load_events(conn: Connection, check_ids: list[int]) -> list:
         select(e.id, e.trigger_id, triggers.c.name, e.offer_id, e.affiliate_id, e.previous_status, e.status,
                e.value, e.threshold, e.measured_at, e.check_id)
         .join(triggers, triggers.c.id == e.trigger_id)
-        .where(e.check_id == any_(literal(check_ids, ARRAY(BigInteger()))))
+        .where(e.check_id == any_(array(check_ids, BigInteger())))
         .order_by(e.id)
     ))
 

@@ -14,7 +14,7 @@ from collections.abc import Collection, Iterable
 from datetime import datetime, timezone
 
 from sqlalchemy import Double, Integer, Text, and_, any_, literal, or_, select
-from sqlalchemy.dialects.postgresql import ARRAY, insert
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.engine import Connection, Engine
 
 from shared.batch import Batch, split_batch
@@ -24,7 +24,7 @@ from shared.events import (
     MAX_BATCH, MAX_CHECKS, TRIGGER_CHECKED, CheckItem, Envelope, MetricItem, TriggerChecked, new_event,
     stable_event_id,
 )
-from shared.sql import transaction, unnest
+from shared.sql import array, transaction, unnest
 from services.trigger_checker.rules import Check, TriggerRule, Value, check_values
 
 logger = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def _reject_unknown_metrics(conn: Connection, batch: Batch[MetricItem]) -> None:
     keys = sorted({item.metric_key for item in batch.valid.values()})
     if not keys:
         return
-    known = set(conn.scalars(select(Metric.key).where(Metric.key == any_(literal(keys, ARRAY(Text()))))))
+    known = set(conn.scalars(select(Metric.key).where(Metric.key == any_(array(keys, Text())))))
     for index, item in list(batch.valid.items()):
         if item.metric_key not in known:
             batch.reject(index, "metric_key", f"unknown metric key {item.metric_key!r}")
@@ -141,9 +141,9 @@ def load_rules(conn: Connection, values: Collection[Value]) -> tuple[list[Trigge
 
     Read per message, so a trigger edited in SQL takes effect at the next message.
     """
-    keys = literal(sorted({v.metric_key for v in values}), ARRAY(Text()))
-    offers = literal(sorted({v.offer_id for v in values}), ARRAY(Integer()))
-    affiliates = literal(sorted({v.affiliate_id for v in values}), ARRAY(Integer()))
+    keys = array(sorted({v.metric_key for v in values}), Text())
+    offers = array(sorted({v.offer_id for v in values}), Integer())
+    affiliates = array(sorted({v.affiliate_id for v in values}), Integer())
     th, oc = thresholds.c, offer_categories.c
     # A category threshold comes once per offer of the batch in that category.
     relevant = (
