@@ -12,7 +12,6 @@ thousands of rows (measured: 2000 rows x 9 columns, 29 ms against 3.6 ms).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import date, datetime
@@ -38,18 +37,13 @@ def _quoted(text: str) -> str:
 
 
 def _element(value: Any) -> str:
-    """One element of an array literal, exact: floats by repr (shortest round trip)."""
+    """One element of an array literal, exact: floats by repr (shortest round trip;
+    PostgreSQL reads `nan`, `inf` and `-0.0` as Python writes them)."""
     if value is None:
         return "NULL"
     if isinstance(value, bool):
         return "t" if value else "f"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "NaN"
-        if math.isinf(value):
-            return "Infinity" if value > 0 else "-Infinity"
+    if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, (datetime, date)):
         return _quoted(value.isoformat())
@@ -58,6 +52,13 @@ def _element(value: Any) -> str:
 
 def array_literal(values: Iterable[Any]) -> str:
     """`values` in PostgreSQL's array input syntax: `{1,NULL,"it's"}`."""
+    values = list(values)
+    if all(type(v) is int for v in values):  # ids: the common case, and the cheapest
+        return "{" + ",".join(map(str, values)) + "}"
+    if all(isinstance(v, (str, datetime)) or v is None for v in values):
+        # Batches repeat a few statuses, keys and timestamps many times: format each once.
+        distinct = {v: _element(v) for v in set(values)}
+        return "{" + ",".join([distinct[v] for v in values]) + "}"
     return "{" + ",".join(map(_element, values)) + "}"
 
 
