@@ -7,7 +7,7 @@ to the work queue, and a dead-letter queue `<queue>.dead`. Every process declare
 whole topology, so start order does not matter.
 
 Per message: parse and validate the envelope -> run the handler (which commits) ->
-publish its outputs with confirms -> ack. Invalid messages go to the dead queue at
+publish its outputs with confirms (all of them, then one wait for every confirm) -> ack. Invalid messages go to the dead queue at
 once with the reason in a header; retryable failures go through the retry queue with
 a count and reach the dead queue after the retry limit.
 """
@@ -18,7 +18,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,6 +150,60 @@ def declare_topology(channel: BlockingChannel, exchange: str) -> None:
         channel.queue_bind(names.work, exchange, routing_key=routing_key)
 
 
+class _Confirms:
+    """Publisher confirms, waited for once per batch of messages rather than per message.
+
+    pika's BlockingChannel in confirm mode waits for the broker's ack after every
+    message: a round trip and a disk sync on the broker each (~2 ms here), so an
+    event_detector message with 300 state changes spent 0.6 s waiting. The channel
+    underneath (pika.channel.Channel, BlockingChannel._impl) calls back on every ack,
+    nack and return: we publish the whole batch, then wait until every delivery tag is
+    settled. The guarantee is the same: nothing is acked upstream before all is confirmed.
+    """
+
+    def __init__(self, channel: BlockingChannel):
+        self._channel = channel
+        self._impl = channel._impl  # pika.channel.Channel: the non-blocking API (see above)
+        self._next_tag = 1
+        self._pending: dict[int, str] = {}  # delivery tag -> routing key, unconfirmed
+        self._failures: list[str] = []
+        selected: list[bool] = []
+        self._impl.confirm_delivery(ack_nack_callback=self._on_confirm, callback=lambda _frame: selected.append(True))
+        self._wait_until(lambda: bool(selected))
+        self._impl.add_on_return_callback(self._on_return)
+
+    def publish(self, exchange: str, routing_key: str, body: bytes, properties: pika.BasicProperties,
+                mandatory: bool) -> None:
+        self._impl.basic_publish(exchange, routing_key, body, properties=properties, mandatory=mandatory)
+        self._pending[self._next_tag] = routing_key
+        self._next_tag += 1
+
+    def wait(self) -> None:
+        """Return once the broker confirmed every message published so far; PublishError
+        if any of them was returned (unroutable) or nacked."""
+        self._wait_until(lambda: not self._pending)
+        failures, self._failures = self._failures, []
+        if failures:
+            raise PublishError("; ".join(failures))
+
+    def _wait_until(self, done: Callable[[], bool]) -> None:
+        # Processes frames without dispatching deliveries to the consumer callback, and
+        # raises when the channel or the connection closes.
+        self._channel._flush_output(done)
+
+    def _on_confirm(self, frame: Any) -> None:
+        method = frame.method
+        tags = [t for t in self._pending if t <= method.delivery_tag] if method.multiple else [method.delivery_tag]
+        for tag in tags:
+            routing_key = self._pending.pop(tag, None)
+            if routing_key is not None and isinstance(method, pika.spec.Basic.Nack):
+                self._failures.append(f"message to {routing_key!r} was refused by the broker")
+
+    def _on_return(self, _channel: Any, method: Any, _properties: Any, _body: bytes) -> None:
+        # A return comes before the ack of its message, so wait() is still waiting for it.
+        self._failures.append(f"message to {method.routing_key!r} is unroutable: no queue is bound to it")
+
+
 class Bus:
     """A connection with a confirming channel and the topology declared.
 
@@ -162,11 +217,13 @@ class Bus:
         self._heartbeat = heartbeat
         self.connection: pika.BlockingConnection | None = None
         self.channel: BlockingChannel | None = None
+        self._confirms: _Confirms | None = None
+        self._batching = False
 
     def connect(self) -> Bus:
         self.connection = pika.BlockingConnection(connection_parameters(self._url, self._heartbeat, self.name))
         self.channel = self.connection.channel()
-        self.channel.confirm_delivery()
+        self._confirms = _Confirms(self.channel)
         declare_topology(self.channel, self.exchange)
         return self
 
@@ -202,6 +259,32 @@ class Bus:
                 pass
         self.connection = None
         self.channel = None
+        self._confirms = None
+        self._batching = False
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Publish everything inside the block, then wait once for all the confirms.
+
+        Raises PublishError at the end of the block if any message was unroutable or
+        refused (the others may have been delivered: publishers must be idempotent).
+        """
+        assert self._confirms is not None, "connect() first"
+        confirms = self._confirms
+        self._batching = True
+        try:
+            yield
+        except BaseException:
+            # Settle what was sent so that its returns are not blamed on the next batch.
+            self._batching = False
+            if self.connection is not None and self.connection.is_open:
+                try:
+                    confirms.wait()
+                except PublishError:
+                    pass
+            raise
+        self._batching = False
+        confirms.wait()
 
     def publish_raw(
         self,
@@ -215,11 +298,12 @@ class Bus:
         mandatory: bool = True,
         expiration_ms: int | None = None,
     ) -> None:
-        """Publish one persistent message and wait for the broker's confirm.
+        """Publish one persistent message and wait for the broker's confirm (at the end
+        of the block inside `batch()`).
 
         Raises PublishError when the message is unroutable (with `mandatory`) or nacked.
         """
-        assert self.channel is not None, "connect() first"
+        assert self._confirms is not None, "connect() first"
         properties = pika.BasicProperties(
             content_type="application/json",
             delivery_mode=pika.DeliveryMode.Persistent,
@@ -228,18 +312,10 @@ class Bus:
             headers=headers,
             expiration=None if expiration_ms is None else str(expiration_ms),
         )
-        try:
-            self.channel.basic_publish(
-                self.exchange if exchange is None else exchange,
-                routing_key,
-                body,
-                properties=properties,
-                mandatory=mandatory,
-            )
-        except amqp.UnroutableError:
-            raise PublishError(f"message to {routing_key!r} is unroutable: no queue is bound to it") from None
-        except amqp.NackError:
-            raise PublishError(f"message to {routing_key!r} was refused by the broker") from None
+        self._confirms.publish(self.exchange if exchange is None else exchange, routing_key, body, properties,
+                               mandatory)
+        if not self._batching:
+            self._confirms.wait()
 
     def publish(self, event: Envelope, *, mandatory: bool = True) -> None:
         self.publish_raw(
@@ -247,8 +323,10 @@ class Bus:
         )
 
     def publish_many(self, events: Iterable[Envelope], *, mandatory: bool = True) -> None:
-        for event in events:
-            self.publish(event, mandatory=mandatory)
+        """Publish every event, then wait once for all the confirms."""
+        with nullcontext() if self._batching else self.batch():
+            for event in events:
+                self.publish(event, mandatory=mandatory)
 
     def send_to_queue(self, queue: str, body: bytes, *, message_id: str | None, type: str | None,
                       headers: dict[str, Any], expiration_ms: int | None = None) -> None:
@@ -370,10 +448,11 @@ class Consumer:
             envelope = parse_envelope(body)
             event_id = str(envelope.event_id)
             result = self.handler(envelope) or HandlerResult()
-            for dead in result.dead_letters:
-                self._dead_letter(dead.body, properties, method.routing_key, dead.reason)
-            self.bus.publish_many(result.events)
-            self.bus.publish_many(result.notices, mandatory=False)
+            with self.bus.batch():
+                for dead in result.dead_letters:
+                    self._dead_letter(dead.body, properties, method.routing_key, dead.reason)
+                self.bus.publish_many(result.events)
+                self.bus.publish_many(result.notices, mandatory=False)
             if result.after_publish is not None:
                 result.after_publish()
             outcome = "handled" if not result.dead_letters else "handled_partly"

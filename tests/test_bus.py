@@ -65,6 +65,21 @@ def test_publishing_to_a_key_nobody_is_bound_to_raises(bus):
         bus.publish_raw("nobody.listens.here", b"{}")
 
 
+def test_a_batch_is_confirmed_as_a_whole_and_an_unroutable_message_fails_it(bus, exchange):
+    events = [metric_event(value=i / 10) for i in range(5)]
+    bus.publish_many(events)
+    assert queue_depth(queue_names(exchange, "trigger_checker").work) == 5
+
+    with pytest.raises(PublishError, match="'nobody.listens.here' is unroutable"):
+        with bus.batch():
+            bus.publish(metric_event())
+            bus.publish_raw("nobody.listens.here", b"{}")
+            bus.publish(metric_event())
+    assert queue_depth(queue_names(exchange, "trigger_checker").work) == 7  # the routable ones went through
+    bus.publish(metric_event())  # the failure is not blamed on the next message
+    assert queue_depth(queue_names(exchange, "trigger_checker").work) == 8
+
+
 def test_a_consumer_killed_before_its_ack_gets_the_message_again(bus, exchange, tmp_path):
     holder = ServiceProcess("blocking", {}, tmp_path, module="tests.blocking_consumer", args=[exchange]).start()
     event = metric_event()
