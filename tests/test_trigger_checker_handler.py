@@ -113,6 +113,17 @@ def test_pairs_without_any_threshold_are_skipped(db, caplog):
     assert "skipped_no_threshold=1" in caplog.text
 
 
+def test_a_check_recorded_before_its_threshold_was_removed_is_published_again_as_recorded(db):
+    ids = seed(db)
+    envelope = metric_loaded([("cr", 103, 9, 0, 0.04), ("cr", 103, 10, 0, 0.04)])
+    first = handle_metric_loaded(envelope, db)
+    with db.begin() as conn:
+        conn.execute(text("UPDATE triggers SET threshold = NULL WHERE id = :t"), {"t": ids["min CR"]})
+    again = handle_metric_loaded(parse_envelope(encode(envelope)), db)  # redelivered: nothing to check now
+    assert checks_of(again) == checks_of(first)
+    assert [(c["trigger_name"], c["threshold"]) for c in checks_of(again)] == [("min CR", 0.05)] * 2
+
+
 def test_a_metric_without_triggers_is_recorded_and_publishes_nothing(db):
     seed(db)
     result = handle_metric_loaded(metric_loaded([("gtr", 104, 2, 0, 0.3)]), db)

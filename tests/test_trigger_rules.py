@@ -102,7 +102,7 @@ def test_categories_without_a_threshold_are_passed_over():
     assert resolve_threshold(rule, 2, 5, [1, 2]) == Threshold(0.5, "general")
 
 
-def test_check_values_checks_every_rule_of_the_metric_and_counts_the_skipped():
+def test_check_values_checks_every_rule_of_the_metric_and_lists_the_skipped():
     at = datetime(2026, 11, 28, tzinfo=timezone.utc)
     rules = [
         TriggerRule(1, "min CR", "cr", "lt", general=0.05),
@@ -116,4 +116,4 @@ def test_check_values_checks_every_rule_of_the_metric_and_counts_the_skipped():
         (2, 2, Threshold(0.5, "offer"), "PROBLEM"),
         (1, 3, Threshold(0.05, "general"), "PROBLEM"),
     ]
-    assert skipped == 1
+    assert [(rule.id, value.offer_id) for rule, value in skipped] == [(2, 3)]

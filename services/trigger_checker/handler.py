@@ -2,7 +2,8 @@
 
 One transaction per message and a fixed number of statements whatever its size: the
 batch travels as arrays (shared.sql.unnest), thresholds are resolved in Python
-(rules.py). Every write is idempotent on its natural key, and the published message
+(rules.py). New values and checks are not read back (RETURNING says what was new);
+only what an earlier delivery recorded is. Every write is idempotent on its natural key, and the published message
 lists every check of the message's values, whether recorded now or by an earlier
 delivery that crashed before publishing.
 """
@@ -12,6 +13,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Collection, Iterable
 from datetime import datetime, timezone
+from typing import NamedTuple
+
+from pydantic import AwareDatetime, TypeAdapter
 
 from sqlalchemy import Double, Integer, Text, and_, any_, literal, or_, select
 from sqlalchemy.dialects.postgresql import insert
@@ -21,8 +25,7 @@ from shared.batch import Batch, split_batch
 from shared.bus import HandlerResult
 from shared.db import TZ, Metric, MetricValue, OfferCategory, Trigger, TriggerCheck, TriggerThreshold
 from shared.events import (
-    MAX_BATCH, MAX_CHECKS, TRIGGER_CHECKED, CheckItem, Envelope, MetricItem, TriggerChecked, new_event,
-    stable_event_id,
+    MAX_BATCH, MAX_CHECKS, TRIGGER_CHECKED, Envelope, MetricItem, new_event, stable_event_id,
 )
 from shared.sql import array, transaction, unnest
 from services.trigger_checker.rules import Check, TriggerRule, Value, check_values
@@ -49,18 +52,16 @@ def handle_metric_loaded(envelope: Envelope, engine: Engine) -> HandlerResult:
         if not batch.valid:
             raise batch.nothing_valid_error()
         wanted = _first_arrivals(batch.valid.values())
-        new_values = _record_values(conn, wanted, str(envelope.event_id))
-        values = _stored_values(conn, wanted)
+        values, new_values = _record_values(conn, wanted, str(envelope.event_id))
         rules, categories = load_rules(conn, values)
         checks, skipped = check_values(rules, values, categories)
-        new_checks = _record_checks(conn, checks)
-        rows = _load_checks(conn, values)
+        rows, new_checks = _record_checks(conn, checks, skipped, {rule.id: rule.name for rule in rules})
     events = _checked_events(envelope, rows)
     logger.info(
         "checked event_id=%s items=%d invalid=%d values=%d new_values=%d triggers=%d checks=%d new_checks=%d "
         "skipped_no_threshold=%d",
         envelope.event_id, len(batch.raw), len(batch.reasons), len(values), new_values, len(rules), len(rows),
-        new_checks, skipped,
+        new_checks, len(skipped),
     )
     dead = batch.dead_letter()
     return HandlerResult(events=events, dead_letters=[dead] if dead else [])
@@ -101,7 +102,9 @@ def _first_arrivals(items: Iterable[MetricItem]) -> dict[tuple, float]:
     return wanted
 
 
-def _record_values(conn: Connection, wanted: dict[tuple, float], event_id: str) -> int:
+def _record_values(conn: Connection, wanted: dict[tuple, float], event_id: str) -> tuple[list[Value], int]:
+    """Insert the values that are new; return every value of the batch as stored, and how
+    many were new."""
     # Sorted so that concurrent batches lock overlapping keys in one order (no deadlock).
     rows = sorted((*key, value) for key, value in wanted.items())
     v = unnest({**VALUE_KEY_COLUMNS, "value": Double()}, rows)
@@ -114,7 +117,11 @@ def _record_values(conn: Connection, wanted: dict[tuple, float], event_id: str) 
         )
         .on_conflict_do_nothing(index_elements=["metric_key", "offer_id", "affiliate_id", "measured_at"])
     )
-    return conn.execute(stmt).rowcount
+    inserted = conn.execute(stmt).rowcount
+    if inserted == len(rows):
+        # All new (the usual case), so stored exactly as they came: no need to read them back.
+        return [Value(*row) for row in rows], inserted
+    return _stored_values(conn, wanted), inserted
 
 
 def _stored_values(conn: Connection, wanted: dict[tuple, float]) -> list[Value]:
@@ -189,60 +196,115 @@ def load_rules(conn: Connection, values: Collection[Value]) -> tuple[list[Trigge
 # -- checks -------------------------------------------------------------------------------
 
 
-def _record_checks(conn: Connection, checks: list[Check]) -> int:
-    if not checks:
-        return 0
-    rows = sorted(
-        (c.trigger_id, c.value.offer_id, c.value.affiliate_id, c.value.measured_at, c.value.value, c.operator,
-         c.threshold.value, c.threshold.scope, c.status)
-        for c in checks
-    )
-    v = unnest({
-        "trigger_id": Integer(), "offer_id": Integer(), "affiliate_id": Integer(), "measured_at": TZ,
-        "value": Double(), "operator": Text(), "threshold": Double(), "threshold_scope": Text(), "status": Text(),
-    }, rows)
-    columns = list(v.c.keys())
-    stmt = (
-        insert(trigger_checks)
-        .from_select(columns, select(*v.c).order_by(v.c.trigger_id, v.c.offer_id, v.c.affiliate_id, v.c.measured_at))
-        .on_conflict_do_nothing(index_elements=["trigger_id", "offer_id", "affiliate_id", "measured_at"])
-    )
-    return conn.execute(stmt).rowcount
+class CheckRow(NamedTuple):
+    """A recorded check as trigger.checked lists it."""
+
+    id: int
+    trigger_id: int
+    name: str
+    metric_key: str
+    offer_id: int
+    affiliate_id: int
+    value: float
+    operator: str
+    threshold: float
+    status: str
+    measured_at: datetime
 
 
-def _load_checks(conn: Connection, values: Collection[Value]) -> list:
-    """Every check of the batch's values by an active trigger, new or recorded earlier."""
-    v = unnest(VALUE_KEY_COLUMNS, [(x.metric_key, x.offer_id, x.affiliate_id, x.measured_at) for x in values])
+def _record_checks(conn: Connection, checks: list[Check], skipped: list[tuple[TriggerRule, Value]],
+                   names: dict[int, str]) -> tuple[list[CheckRow], int]:
+    """Insert the new checks; return every check of the batch's values by its active
+    triggers (new, or recorded by an earlier delivery), in id order, and how many were new.
+
+    The new ones come back through RETURNING; only the others (already recorded, or
+    skipped now for want of a threshold but recorded when there was one) are read.
+    """
+    inserted: dict[tuple, int] = {}
+    if checks:
+        rows = sorted(
+            (c.trigger_id, c.value.offer_id, c.value.affiliate_id, c.value.measured_at, c.value.value, c.operator,
+             c.threshold.value, c.threshold.scope, c.status)
+            for c in checks
+        )
+        v = unnest({
+            "trigger_id": Integer(), "offer_id": Integer(), "affiliate_id": Integer(), "measured_at": TZ,
+            "value": Double(), "operator": Text(), "threshold": Double(), "threshold_scope": Text(),
+            "status": Text(),
+        }, rows)
+        c = trigger_checks.c
+        stmt = (
+            insert(trigger_checks)
+            .from_select(list(v.c.keys()),
+                         select(*v.c).order_by(v.c.trigger_id, v.c.offer_id, v.c.affiliate_id, v.c.measured_at))
+            .on_conflict_do_nothing(index_elements=["trigger_id", "offer_id", "affiliate_id", "measured_at"])
+            .returning(c.id, c.trigger_id, c.offer_id, c.affiliate_id, c.measured_at)
+        )
+        inserted = {(t, o, a, m): check_id for check_id, t, o, a, m in conn.execute(stmt)}
+    found = []
+    earlier = []
+    for check in checks:
+        key = (check.trigger_id, check.value.offer_id, check.value.affiliate_id, check.value.measured_at)
+        check_id = inserted.get(key)
+        if check_id is None:
+            earlier.append(key)
+            continue
+        found.append(CheckRow(check_id, check.trigger_id, names[check.trigger_id], check.value.metric_key,
+                              check.value.offer_id, check.value.affiliate_id, check.value.value, check.operator,
+                              check.threshold.value, check.status, check.value.measured_at))
+    earlier += [(rule.id, value.offer_id, value.affiliate_id, value.measured_at) for rule, value in skipped]
+    if earlier:
+        found += _recorded_checks(conn, earlier)
+    found.sort(key=lambda row: row.id)
+    return found, len(inserted)
+
+
+def _recorded_checks(conn: Connection, keys: list[tuple]) -> list[CheckRow]:
+    """The checks recorded under these (trigger_id, offer_id, affiliate_id, measured_at)
+    keys, as recorded (whatever the trigger says now), if their trigger is still active."""
+    v = unnest({"trigger_id": Integer(), "offer_id": Integer(), "affiliate_id": Integer(), "measured_at": TZ},
+               keys)
     c, t = trigger_checks.c, triggers.c
-    return list(conn.execute(
+    return [CheckRow(*r) for r in conn.execute(
         select(c.id, c.trigger_id, t.name, t.metric_key, c.offer_id, c.affiliate_id, c.value, c.operator,
                c.threshold, c.status, c.measured_at)
         .select_from(
-            v.join(triggers, and_(t.metric_key == v.c.metric_key, t.active))
-            .join(trigger_checks, and_(
-                c.trigger_id == t.id, c.offer_id == v.c.offer_id, c.affiliate_id == v.c.affiliate_id,
+            v.join(trigger_checks, and_(
+                c.trigger_id == v.c.trigger_id, c.offer_id == v.c.offer_id, c.affiliate_id == v.c.affiliate_id,
                 c.measured_at == v.c.measured_at,
             ))
+            .join(triggers, and_(t.id == c.trigger_id, t.active))
         )
-        .order_by(c.id)
-    ))
+    )]
 
 
-def _checked_events(envelope: Envelope, rows: list) -> list[Envelope]:
+def _checked_events(envelope: Envelope, rows: list[CheckRow]) -> list[Envelope]:
     """One trigger.checked per MAX_CHECKS checks; the same ids on every delivery."""
+    # Plain dicts in CheckItem's JSON form: building 2000 models per message only to dump
+    # them again cost more than the rest of the Python work (the consumer validates).
+    when: dict[datetime, str] = {}
     items = [
-        CheckItem(check_id=r.id, trigger_id=r.trigger_id, trigger_name=r.name, metric_key=r.metric_key,
-                  offer_id=r.offer_id, affiliate_id=r.affiliate_id, value=r.value, operator=r.operator,
-                  threshold=r.threshold, status=r.status, measured_at=r.measured_at)
+        {"check_id": r.id, "trigger_id": r.trigger_id, "trigger_name": r.name, "metric_key": r.metric_key,
+         "offer_id": r.offer_id, "affiliate_id": r.affiliate_id, "value": r.value, "operator": r.operator,
+         "threshold": r.threshold, "status": r.status,
+         "measured_at": when.get(r.measured_at) or when.setdefault(r.measured_at, _json_datetime(r.measured_at))}
         for r in rows
     ]
     events = []
     for part, start in enumerate(range(0, len(items), MAX_CHECKS)):
         events.append(new_event(
             TRIGGER_CHECKED,
-            TriggerChecked(checks=items[start:start + MAX_CHECKS]),
+            {"checks": items[start:start + MAX_CHECKS]},
             correlation_id=envelope.correlation_id,
             causation_id=str(envelope.event_id),
             event_id=stable_event_id(TRIGGER_CHECKED, envelope.event_id, part),
         ))
     return events
+
+
+def _json_datetime(value: datetime) -> str:
+    """A timestamp exactly as pydantic writes an AwareDatetime field."""
+    return _AWARE_DATETIME.dump_python(value, mode="json")
+
+
+_AWARE_DATETIME: TypeAdapter[datetime] = TypeAdapter(AwareDatetime)

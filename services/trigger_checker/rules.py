@@ -96,19 +96,19 @@ class Check:
 
 def check_values(
     rules: Collection[TriggerRule], values: Collection[Value], categories: dict[int, set[int]]
-) -> tuple[list[Check], int]:
-    """Every (rule, value) check of a batch, and how many pairs were skipped for want of
-    a threshold. `categories` maps an offer to its categories."""
+) -> tuple[list[Check], list[tuple[TriggerRule, Value]]]:
+    """Every (rule, value) check of a batch, and the (rule, value) pairs skipped for want
+    of a threshold. `categories` maps an offer to its categories."""
     by_metric: dict[str, list[TriggerRule]] = {}
     for rule in rules:
         by_metric.setdefault(rule.metric_key, []).append(rule)
     checks: list[Check] = []
-    skipped = 0
+    skipped: list[tuple[TriggerRule, Value]] = []
     for value in values:
         for rule in by_metric.get(value.metric_key, ()):
             threshold = resolve_threshold(rule, value.offer_id, value.affiliate_id, categories.get(value.offer_id, ()))
             if threshold is None:
-                skipped += 1
+                skipped.append((rule, value))
                 continue
             status = evaluate(rule.operator, value.value, threshold.value)
             checks.append(Check(rule.id, value, threshold, status, rule.operator))
