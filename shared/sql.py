@@ -53,9 +53,12 @@ def _element(value: Any) -> str:
 def array_literal(values: Iterable[Any]) -> str:
     """`values` in PostgreSQL's array input syntax: `{1,NULL,"it's"}`."""
     values = list(values)
-    if all(type(v) is int for v in values):  # ids: the common case, and the cheapest
+    kinds = set(map(type, values))
+    if kinds == {int}:  # ids: the common case, and the cheapest
         return "{" + ",".join(map(str, values)) + "}"
-    if all(isinstance(v, (str, datetime)) or v is None for v in values):
+    if kinds == {float}:
+        return "{" + ",".join(map(repr, values)) + "}"
+    if kinds <= {str, type(None)} or kinds <= {datetime, type(None)}:
         # Batches repeat a few statuses, keys and timestamps many times: format each once.
         distinct = {v: _element(v) for v in set(values)}
         return "{" + ",".join([distinct[v] for v in values]) + "}"

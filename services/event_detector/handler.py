@@ -94,10 +94,10 @@ def _load_checks(conn: Connection, check_ids: list[int]) -> dict[int, tuple[Pair
         select(c.id, c.trigger_id, c.offer_id, c.affiliate_id, c.status, c.measured_at, c.value, c.threshold)
         .join(triggers, triggers.c.id == c.trigger_id)
         .where(c.id == any_(array(check_ids, BigInteger())))
-    )
+    ).all()
     return {
-        r.id: ((r.trigger_id, r.offer_id, r.affiliate_id), Check(r.id, r.status, r.measured_at, r.value, r.threshold))
-        for r in rows
+        check_id: ((trigger_id, offer_id, affiliate_id), Check(check_id, status, measured_at, value, threshold))
+        for check_id, trigger_id, offer_id, affiliate_id, status, measured_at, value, threshold in rows
     }
 
 
@@ -119,7 +119,8 @@ def _create_and_lock_states(conn: Connection, by_pair: dict[Pair, list[Check]]) 
     s = trigger_states.c
     stmt = (
         insert(trigger_states)
-        .from_select(list(STATE_COLUMNS), select(*v.c).order_by(v.c.trigger_id, v.c.offer_id, v.c.affiliate_id))
+        .from_select([*STATE_COLUMNS, "updated_at"],
+                     select(*v.c, func.clock_timestamp()).order_by(v.c.trigger_id, v.c.offer_id, v.c.affiliate_id))
         .on_conflict_do_update(index_elements=list(PAIR_COLUMNS), set_={"status": s.status}, where=false())
         .returning(s.trigger_id, s.offer_id, s.affiliate_id)
     )
@@ -135,12 +136,8 @@ def _read_states(conn: Connection, pairs: list[Pair]) -> dict[Pair, PairState]:
         .select_from(v.join(trigger_states, and_(
             s.trigger_id == v.c.trigger_id, s.offer_id == v.c.offer_id, s.affiliate_id == v.c.affiliate_id,
         )))
-    )
-    return {
-        (r.trigger_id, r.offer_id, r.affiliate_id):
-            PairState(r.status, r.since, r.measured_at, r.check_id, r.value, r.threshold)
-        for r in rows
-    }
+    ).all()
+    return {(r[0], r[1], r[2]): PairState(*r[3:]) for r in rows}
 
 
 def _write_states(conn: Connection, updates: list[tuple[Pair, PairState]]) -> None:
