@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 
-from sqlalchemy import BigInteger, Double, Integer, Text, and_, any_, false, func, select, update
+from sqlalchemy import BigInteger, Double, Integer, Text, any_, false, func, select, true, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.engine import Connection, Engine
 
@@ -130,13 +130,17 @@ def _create_and_lock_states(conn: Connection, by_pair: dict[Pair, list[Check]]) 
 def _read_states(conn: Connection, pairs: list[Pair]) -> dict[Pair, PairState]:
     v = unnest(PAIR_COLUMNS, pairs)
     s = trigger_states.c
-    rows = conn.execute(
+    # One primary-key probe per pair whatever the table's size: LIMIT 1 keeps the planner
+    # from turning the lateral subquery into a hash join over the whole table, which it
+    # prefers for a few thousand pairs and which grows with every pair ever seen.
+    state = (
         select(s.trigger_id, s.offer_id, s.affiliate_id, s.status, s.since, s.measured_at, s.check_id, s.value,
                s.threshold)
-        .select_from(v.join(trigger_states, and_(
-            s.trigger_id == v.c.trigger_id, s.offer_id == v.c.offer_id, s.affiliate_id == v.c.affiliate_id,
-        )))
-    ).all()
+        .where(s.trigger_id == v.c.trigger_id, s.offer_id == v.c.offer_id, s.affiliate_id == v.c.affiliate_id)
+        .limit(1)
+        .lateral("s")
+    )
+    rows = conn.execute(select(state).select_from(v.join(state, true()))).all()
     return {(r[0], r[1], r[2]): PairState(*r[3:]) for r in rows}
 
 
