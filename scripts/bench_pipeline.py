@@ -16,7 +16,9 @@ of the pairs in PROBLEM) and a few thresholds of every other scope.
 2. Latency: one more round at a steady `--rate` values/s (batches of 100 every 100 ms)
    for `--latency-seconds`; per state row, publish -> updated_at of the state.
    updated_at is taken inside the event_detector's transaction, just before its commit.
-3. Peak RSS (VmHWM) of both services, read before they stop.
+3. Peak RSS (VmHWM) of both services, read before they stop, and the CPU time that the
+   services and their PostgreSQL backends spent per 1000 values in phase 1 (a figure
+   that the machine's other tenants inflate far less than the wall clock).
 4. The bare 4-hop pika relay (scripts/pika_relay.py) in the same invocation, as the
    machine's baseline at this moment: the ratio is values/s per relay message/s.
 
@@ -194,6 +196,23 @@ def wait_until(condition, timeout: float, what: str, interval: float = 0.1) -> N
         time.sleep(interval)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def backend_pids(engine: Engine, database: str) -> list[int]:
+    """The PostgreSQL backends serving the services (same machine: their CPU is readable)."""
+    with engine.connect() as conn:
+        return list(conn.execute(text(
+            "SELECT pid FROM pg_stat_activity WHERE datname = :d AND pid <> pg_backend_pid()"
+        ), dict(d=database)).scalars())
+
+
 def states_at(engine: Engine, round_: int) -> int:
     with engine.connect() as conn:
         return conn.execute(text("SELECT count(*) FROM trigger_states WHERE measured_at = :m"),
@@ -213,10 +232,15 @@ def wait_for_round(engine: Engine, round_: int, expected: int, services: list[Se
 
 
 def throughput(bus: Bus, engine: Engine, services: list[Service], base: dict[Key, float], rounds: int,
-               timeout: float) -> dict[str, float]:
+               timeout: float, database: str) -> dict[str, float]:
     all_keys = keys()
     bodies = [message(items, values, r) for r in range(rounds)
               for values in [round_values(base, r)] for items in chunks(all_keys, BATCH)]
+    # CPU seconds per component, which the machine's other tenants do not inflate much:
+    # the services and their PostgreSQL backends (the broker is shared, so it is left out).
+    components = {s.name: [s.process.pid] for s in services}
+    components["postgres"] = backend_pids(engine, database)
+    cpu_before = {name: sum(map(cpu_seconds, pids)) for name, pids in components.items()}
     started = time.time()
     for body in bodies:
         bus.publish_raw(METRIC_LOADED, body, type=METRIC_LOADED)
@@ -230,9 +254,12 @@ def throughput(bus: Bus, engine: Engine, services: list[Service], base: dict[Key
     last, checks, events = float(row[0]), row[1], row[2]
     values = len(all_keys) * rounds
     seconds = last - started
+    cpu_ms = {name: (sum(map(cpu_seconds, pids)) - cpu_before[name]) * 1000 / (values / 1000)
+              for name, pids in components.items()}
     return {"values": values, "checks": checks, "events": events, "seconds": seconds,
             "publish_seconds": published - started, "values_per_second": values / seconds,
-            "checks_per_second": checks / seconds, "messages_per_second": len(bodies) / seconds}
+            "checks_per_second": checks / seconds, "messages_per_second": len(bodies) / seconds,
+            "cpu_ms_per_1000_values": cpu_ms}
 
 
 def latency(bus: Bus, engine: Engine, services: list[Service], base: dict[Key, float], round_: int, rate: int,
@@ -308,11 +335,14 @@ def main() -> int:
         bus = Bus(amqp_url, exchange, name="bench_pipeline").connect()
         services = [start_service(name, env, log_dir) for name in SERVICES]
 
-        results["throughput"] = t = throughput(bus, engine, services, base, args.rounds, args.timeout)
+        results["throughput"] = t = throughput(bus, engine, services, base, args.rounds, args.timeout, db_name)
         print(f"throughput: {t['values']} values, {t['checks']} checks, {t['events']} events in "
               f"{t['seconds']:.2f}s (published in {t['publish_seconds']:.2f}s) = {t['values_per_second']:.0f} "
               f"values/s, {t['checks_per_second']:.0f} checks/s, {t['messages_per_second']:.1f} metric.loaded/s",
               flush=True)
+        cpu = t["cpu_ms_per_1000_values"]
+        print("CPU per 1000 values: " + ", ".join(f"{name} {ms:.0f} ms" for name, ms in cpu.items())
+              + f"; total {sum(cpu.values()):.0f} ms (broker not counted)", flush=True)
         results["latency"] = lat = latency(bus, engine, services, base, args.rounds, args.rate,
                                            args.latency_seconds)
         print(f"latency at {args.rate} values/s ({lat['values']} values, {lat['states']} states): "
