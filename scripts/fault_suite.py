@@ -290,6 +290,7 @@ class FaultRecord:
     ended: float | None = None
     note: str = ""
     round: int = 0
+    window: list[int] = field(default_factory=list)  # runs it caught between side effect and commit
 
 
 class Faults:
@@ -346,6 +347,8 @@ class Faults:
         try:
             if replica.service == "action_runner":
                 found = self.suite.runs_in_side_effect_window()
+                time.sleep(0.3)
+                found = record.window = self.suite.still_in_window(found)
                 self.windows.append((record.started, replica.name, found))
                 record.note = (record.note + f"; not committed: runs {found}" if found else record.note).lstrip("; ")
             time.sleep(pause)
@@ -425,7 +428,7 @@ class Faults:
             record.kind = "error"
             record.note = f"pg_ctlcluster failed: {result.stderr.strip()}"[:300]
             return
-        found = self.suite.runs_in_side_effect_window()
+        found = record.window = self.suite.still_in_window(self.suite.runs_in_side_effect_window())
         self.windows.append((record.started, "PostgreSQL restart", found))
         record.note = f"side effect not yet committed: runs {found}" if found else ""
 
@@ -902,6 +905,30 @@ class Suite:
                 or (not p.kind.startswith("email") and calls[(p.kind, p.offer_id, p.affiliate_id)]
                     > final[(p.kind, p.offer_id, p.affiliate_id)])]
 
+    def still_in_window(self, candidates: list[int]) -> list[int]:
+        """Of runs found in the window a moment ago, those a crash caught there: still
+        pending, or already with a second side effect (a run whose replica was alive has
+        committed by now, with one)."""
+        if not candidates:
+            return []
+        try:
+            with self.engine.connect() as conn:
+                found = list(conn.execute(text(
+                    "SELECT r.id, r.kind, r.status, e.offer_id, e.affiliate_id FROM operation_runs r"
+                    " JOIN trigger_events e ON e.id = r.trigger_event_id WHERE r.id = ANY(:ids)"), {"ids": candidates}))
+                runs = Counter((k, o, a) for k, o, a in conn.execute(text(
+                    "SELECT r.kind, e.offer_id, e.affiliate_id FROM operation_runs r"
+                    " JOIN trigger_events e ON e.id = r.trigger_event_id"
+                    " WHERE r.kind IN ('approve_affiliate', 'reject_affiliate')")))
+        except DBAPIError:
+            return candidates
+        mails = Counter(m.run_id for m in self.sink.received())
+        calls = Counter((_kind_of_call(c), c["offer_id"], c["affiliate_id"]) for c in self.fake.write_calls())
+        return [r.id for r in found
+                if r.status == "pending" or (r.kind.startswith("email") and mails[str(r.id)] > 1)
+                or (not r.kind.startswith("email") and calls[(r.kind, r.offer_id, r.affiliate_id)]
+                    > runs[(r.kind, r.offer_id, r.affiliate_id)])]
+
     # -- verification ---------------------------------------------------------------------------
 
     def verify(self) -> tuple[list[Row], dict[str, Any]]:
@@ -1016,11 +1043,13 @@ class Suite:
         duplicates = []
         for run_id, n in mail_dups:
             times = sorted(mail.at for mail in mails if mail.run_id == run_id)
-            duplicates.append((times[0], times[-1], f"mail of run {run_id} x{n}"))
+            duplicates += [(times[0], times[-1], f"mail of run {run_id}", {int(run_id)})] * (n - 1)
         for key, n in extra_calls.items():
             times = sorted(c["at"] for c in calls
                            if (c["method"], c["offer_id"], c["affiliate_id"], c.get("status")) == key)
-            duplicates.append((times[0], times[-1], f"{key[0]} {key[1]}/{key[2]} +{n}"))
+            kind = _kind_of_call({"status": key[3]})
+            of_pair = {r.id for r in runs if (r.kind, r.offer_id, r.affiliate_id) == (kind, key[1], key[2])}
+            duplicates += [(times[0], times[-1], f"{key[0]} offer {key[1]} affiliate {key[2]}", of_pair)] * n
         unexplained, explained = match_crashes(duplicates, self.faults)
         windows = sum(min(len(found), 2 if what == "PostgreSQL restart" else 1)
                       for _, what, found in self.faults.windows)
@@ -1054,8 +1083,8 @@ class Suite:
                 if n > 1 and message_id in expected_ids:
                     stamps = sorted(_epoch((p.headers or {}).get("x-kpi-dead-at")) for p, _ in dead
                                     if p.message_id == message_id)
-                    repeats += [(stamps[0] - 1, stamps[-1] + 1, f"{self.poison[service][message_id]}")] * (n - 1)
-            crashes = [(r.started, r.ended or r.started, r.target) for r in self.faults.records
+                    repeats += [(stamps[0] - 1, stamps[-1] + 1, self.poison[service][message_id], set())] * (n - 1)
+            crashes = [(r.started, r.ended or r.started, r.target, set()) for r in self.faults.records
                        if (r.kind == "kill -9" and r.target.startswith(service)) or r.kind == "RabbitMQ restart"]
             unexplained_repeats, explained_repeats = match(repeats, crashes)
             rows.append(Row(f"dead letters of {service}: one per poison message (missing / stray / repeated)",
@@ -1101,27 +1130,31 @@ def _epoch(stamp: str | None) -> float:
     return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()
 
 
-def match_crashes(duplicates: list[tuple[float, float, str]], faults: Faults) -> tuple[list[str], list[str]]:
+def match_crashes(duplicates: list[tuple[float, float, str, set[int]]], faults: Faults
+                  ) -> tuple[list[str], list[str]]:
     """Give each duplicated side effect a crash of its own that happened between its first
-    and its last copy: an action_runner kill, or a PostgreSQL restart (one per replica)."""
-    crashes = [(r.started, r.started, r.target) for r in faults.of("kill -9") if r.target.startswith("action_runner")]
+    and its last copy: an action_runner kill, or a PostgreSQL restart (one per replica),
+    preferably the one that caught its run in the window."""
+    crashes = [(r.started, r.started, r.target, set(r.window)) for r in faults.of("kill -9")
+               if r.target.startswith("action_runner")]
     for r in faults.of("PostgreSQL restart"):
-        crashes += [(r.started, r.ended or r.started, "PostgreSQL restart")] * 2
-    return match([(first - 0.5, last, what) for first, last, what in duplicates], crashes)
+        crashes += [(r.started, r.ended or r.started, "PostgreSQL restart", set(r.window))] * 2
+    return match([(first - 0.5, last, what, runs) for first, last, what, runs in duplicates], crashes)
 
 
-def match(repeats: list[tuple[float, float, str]], crashes: list[tuple[float, float, str]]
+def match(repeats: list[tuple[float, float, str, set[int]]], crashes: list[tuple[float, float, str, set[int]]]
           ) -> tuple[list[str], list[str]]:
-    """Match each repeat (first, last copy, what) with a distinct crash (begin, end, which)
-    that overlaps it; (unexplained, explained)."""
+    """Match each repeat (first, last copy, what, its runs) with a distinct crash (begin,
+    end, which, runs it caught) that overlaps it in time, one that caught the repeat's run
+    first; (unexplained, explained)."""
     used: set[int] = set()
     unexplained, explained = [], []
-    for first, last, what in sorted(repeats, key=lambda d: d[1]):
-        for i, (begin, end, crash) in enumerate(crashes):
-            if i not in used and first <= end and begin <= last:
-                used.add(i)
-                explained.append(f"{what}: {crash}")
-                break
+    for first, last, what, runs in sorted(repeats, key=lambda d: d[1]):
+        fits = [i for i, (begin, end, _, _) in enumerate(crashes) if i not in used and first <= end and begin <= last]
+        fits.sort(key=lambda i: not (runs & crashes[i][3]))
+        if fits:
+            used.add(fits[0])
+            explained.append(f"{what}: {crashes[fits[0]][2]}")
         else:
             unexplained.append(what)
     return unexplained, explained
