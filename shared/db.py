@@ -310,11 +310,14 @@ class TriggerState(Base):
     __table_args__ = (
         PrimaryKeyConstraint("trigger_id", "offer_id", "affiliate_id"),
         CheckConstraint(_in("status", STATUSES), name="status"),
+        CheckConstraint(f"previous_status IS NULL OR {_in('previous_status', STATUSES)}", name="previous_status"),
     )
     trigger_id: Mapped[int] = mapped_column(ForeignKey("triggers.id", ondelete="CASCADE"))
     offer_id: Mapped[int] = mapped_column(Integer)
     affiliate_id: Mapped[int] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(Text)
+    # The status before the last change; NULL until the first one (migration 0004).
+    previous_status: Mapped[str | None] = mapped_column(Text)
     # When the pair entered this status (measured_at of the check that changed it).
     since: Mapped[datetime] = mapped_column(TZ)
     measured_at: Mapped[datetime] = mapped_column(TZ)

@@ -1,9 +1,11 @@
 """event_detector: trigger.checked -> trigger_states, trigger_events -> trigger.event.*.
 
 Correct with any number of replicas and any delivery order because the database
-serialises the work per pair: one statement creates the missing state rows and locks
-every state row of the batch, in primary-key order (so two batches never wait on each
-other in a cycle), and the transitions are computed under that lock (state.py).
+serialises the work per pair: one upsert per message creates the missing state rows,
+locks every state row of the batch in primary-key order (so two batches never wait on
+each other in a cycle) and applies each pair's check to the row it locked, whatever
+committed last (state.py says what applying means). A pair with several checks in one
+message takes one more upsert per further check, on rows it already holds.
 trigger_events is unique on check_id, so a redelivery cannot record a change twice; it
 publishes the recorded events of its checks again (same event ids), which covers a crash
 between commit and publish. The checks themselves are read from trigger_checks, the
@@ -14,8 +16,9 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from datetime import datetime
 
-from sqlalchemy import BigInteger, Double, Integer, Text, any_, false, func, select, true, update
+from sqlalchemy import BigInteger, Double, Integer, Text, any_, case, func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.engine import Connection, Engine
 
@@ -28,11 +31,9 @@ from shared.events import (
     stable_event_id,
 )
 from shared.sql import array, transaction, unnest
-from services.event_detector.state import Change, Check, PairState, apply_checks, start
+from services.event_detector.state import Change, Check, Pair, change_of, rounds
 
 logger = logging.getLogger(__name__)
-
-Pair = tuple[int, int, int]  # trigger_id, offer_id, affiliate_id
 
 EVENT_TYPES = {"PROBLEM": TRIGGER_EVENT_PROBLEM, "OK": TRIGGER_EVENT_OK}
 PAIR_COLUMNS = {"trigger_id": Integer(), "offer_id": Integer(), "affiliate_id": Integer()}
@@ -61,25 +62,14 @@ def handle_trigger_checked(envelope: Envelope, engine: Engine) -> HandlerResult:
         by_pair: dict[Pair, list[Check]] = defaultdict(list)
         for pair, check in checks.values():
             by_pair[pair].append(check)
-        created = _create_and_lock_states(conn, by_pair)
-        stored = _read_states(conn, sorted(by_pair))
-        updates: list[tuple[Pair, PairState]] = []
-        changes: list[tuple[Pair, Change]] = []
-        for pair in sorted(by_pair):
-            before = None if pair in created else stored[pair]
-            after, pair_changes = apply_checks(before, by_pair[pair])
-            assert after is not None  # at least one check per pair
-            if after != stored[pair]:
-                updates.append((pair, after))
-            changes.extend((pair, change) for change in pair_changes)
-        _write_states(conn, updates)
+        changes, created, updated = apply_checks(conn, by_pair)
         new_events = _record_events(conn, changes)
         rows = _load_events(conn, sorted(checks))
     events = [_event_message(envelope, row) for row in rows]
     logger.info(
         "detected event_id=%s checks=%d invalid=%d pairs=%d new_states=%d updated_states=%d changes=%d "
         "new_events=%d published=%d",
-        envelope.event_id, len(batch.raw), len(batch.reasons), len(by_pair), len(created), len(updates),
+        envelope.event_id, len(batch.raw), len(batch.reasons), len(by_pair), created, updated,
         len(changes), new_events, len(events),
     )
     dead = batch.dead_letter()
@@ -101,60 +91,58 @@ def _load_checks(conn: Connection, check_ids: list[int]) -> dict[int, tuple[Pair
     }
 
 
-def _state_row(pair: Pair, state: PairState) -> tuple:
-    return (*pair, state.status, state.since, state.measured_at, state.check_id, state.value, state.threshold)
+def apply_checks(conn: Connection, by_pair: dict[Pair, list[Check]]) -> tuple[list[tuple[Pair, Change]], int, int]:
+    """Apply a message's checks to trigger_states; return the changes they made and how
+    many states were created and updated."""
+    changes: list[tuple[Pair, Change]] = []
+    created = updated = 0
+    for round_ in rounds(by_pair):
+        for pair, status, since, measured_at, previous_status in _apply_round(conn, round_):
+            check = round_[pair]
+            assert measured_at == check.measured_at, "the upsert returns only the rows its check was applied to"
+            if since == measured_at and previous_status is None:
+                created += 1
+            else:
+                updated += 1
+            change = change_of(check, status, since, measured_at, previous_status)
+            if change is not None:
+                changes.append((pair, change))
+    return changes, created, updated
 
 
-def _create_and_lock_states(conn: Connection, by_pair: dict[Pair, list[Check]]) -> set[Pair]:
-    """Insert the state of every pair seen for the first time (from its earliest check)
-    and lock every state row of the batch, in one statement and primary-key order.
+def _apply_round(conn: Connection, round_: dict[Pair, Check]) -> list[tuple[Pair, str, datetime, datetime, str | None]]:
+    """One check per pair, as state.py describes, in one statement: the states it created
+    or changed (status, since, measured_at, previous_status), not those it left alone.
 
-    ON CONFLICT DO UPDATE ... WHERE false updates nothing but locks each existing row
-    (waiting for a concurrent writer to commit first); RETURNING yields only the rows
-    this statement inserted, i.e. the pairs that had no state before this batch.
+    INSERT ... ON CONFLICT DO UPDATE takes the rows in primary-key order (the SELECT's
+    ORDER BY), locks each existing one (waiting for a concurrent writer to commit) and
+    evaluates SET and WHERE on its latest committed version; a row the WHERE leaves
+    alone stays locked too. SET expressions all read the row as it was.
     """
-    rows = [_state_row(pair, start(min(checks, key=lambda c: (c.measured_at, c.id))))
-            for pair, checks in sorted(by_pair.items())]
-    v = unnest(STATE_COLUMNS, rows)
-    s = trigger_states.c
-    stmt = (
-        insert(trigger_states)
-        .from_select([*STATE_COLUMNS, "updated_at"],
-                     select(*v.c, func.clock_timestamp()).order_by(v.c.trigger_id, v.c.offer_id, v.c.affiliate_id))
-        .on_conflict_do_update(index_elements=list(PAIR_COLUMNS), set_={"status": s.status}, where=false())
-        .returning(s.trigger_id, s.offer_id, s.affiliate_id)
+    v = unnest(STATE_COLUMNS, [
+        (*pair, check.status, check.measured_at, check.measured_at, check.id, check.value, check.threshold)
+        for pair, check in round_.items()
+    ])
+    stmt = insert(trigger_states).from_select(
+        [*STATE_COLUMNS, "updated_at"],
+        select(*v.c, func.clock_timestamp()).order_by(v.c.trigger_id, v.c.offer_id, v.c.affiliate_id),
     )
-    return {tuple(r) for r in conn.execute(stmt)}  # type: ignore[misc]
-
-
-def _read_states(conn: Connection, pairs: list[Pair]) -> dict[Pair, PairState]:
-    v = unnest(PAIR_COLUMNS, pairs)
-    s = trigger_states.c
-    # One primary-key probe per pair whatever the table's size: LIMIT 1 keeps the planner
-    # from turning the lateral subquery into a hash join over the whole table, which it
-    # prefers for a few thousand pairs and which grows with every pair ever seen.
-    state = (
-        select(s.trigger_id, s.offer_id, s.affiliate_id, s.status, s.since, s.measured_at, s.check_id, s.value,
-               s.threshold)
-        .where(s.trigger_id == v.c.trigger_id, s.offer_id == v.c.offer_id, s.affiliate_id == v.c.affiliate_id)
-        .limit(1)
-        .lateral("s")
-    )
-    rows = conn.execute(select(state).select_from(v.join(state, true()))).all()
-    return {(r[0], r[1], r[2]): PairState(*r[3:]) for r in rows}
-
-
-def _write_states(conn: Connection, updates: list[tuple[Pair, PairState]]) -> None:
-    if not updates:
-        return
-    v = unnest(STATE_COLUMNS, [_state_row(pair, state) for pair, state in updates])
-    s = trigger_states.c
-    conn.execute(
-        update(trigger_states)
-        .values(status=v.c.status, since=v.c.since, measured_at=v.c.measured_at, check_id=v.c.check_id,
-                value=v.c.value, threshold=v.c.threshold, updated_at=func.clock_timestamp())
-        .where(s.trigger_id == v.c.trigger_id, s.offer_id == v.c.offer_id, s.affiliate_id == v.c.affiliate_id)
-    )
+    s, new = trigger_states.c, stmt.excluded
+    same_status = s.status == new.status
+    stmt = stmt.on_conflict_do_update(
+        index_elements=list(PAIR_COLUMNS),
+        set_={
+            "status": new.status,
+            "since": case((same_status, s.since), else_=new.since),
+            "previous_status": case((same_status, s.previous_status), else_=s.status),
+            "measured_at": new.measured_at, "check_id": new.check_id, "value": new.value,
+            "threshold": new.threshold, "updated_at": new.updated_at,
+        },
+        # Only a newer check: an older one (out of order) or the same again changes nothing.
+        where=new.measured_at > s.measured_at,
+    ).returning(s.trigger_id, s.offer_id, s.affiliate_id, s.status, s.since, s.measured_at, s.previous_status)
+    return [((t, o, a), status, since, measured_at, previous)
+            for t, o, a, status, since, measured_at, previous in conn.execute(stmt)]
 
 
 def _record_events(conn: Connection, changes: list[tuple[Pair, Change]]) -> int:

@@ -1,17 +1,25 @@
-"""State changes (DESIGN.md section 4, "State change"): pure functions, no I/O.
+"""State changes (DESIGN.md section 4, "State change").
 
 trigger_states holds the latest status of a (trigger, offer, affiliate) pair ordered by
-measured_at, never by arrival. Checks of one batch for the same pair are applied in
-measured_at order; a check that is not newer than the state changes nothing.
+measured_at, never by arrival. PostgreSQL applies one check to a pair's state, under the
+row's lock, in the upsert of handler.py (`_apply_round`):
+- no state yet: the check's becomes the state; a change from nothing if it is PROBLEM;
+- a newer check with another status: status, since = its measured_at, previous_status =
+  the status it leaves; a change;
+- a newer check with the same status: measured_at (with check, value, threshold) only;
+- a check older than the state or as old: nothing.
+What is left here is pure: the order in which a message's checks of one pair are applied,
+and what the row an upsert returns says about its check.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Literal, NamedTuple
 
 Status = Literal["OK", "PROBLEM"]
+Pair = tuple[int, int, int]  # trigger_id, offer_id, affiliate_id
 
 
 # NamedTuples rather than frozen dataclasses: a message builds thousands of them, and a
@@ -22,15 +30,6 @@ class Check(NamedTuple):
     measured_at: datetime
     value: float
     threshold: float
-
-
-class PairState(NamedTuple):
-    status: Status
-    since: datetime  # measured_at of the check that put the pair into this status
-    measured_at: datetime
-    check_id: int
-    value: float | None
-    threshold: float | None
 
 
 class Change(NamedTuple):
@@ -44,25 +43,28 @@ class Change(NamedTuple):
         return self.check.status
 
 
-def start(check: Check) -> PairState:
-    return PairState(check.status, check.measured_at, check.measured_at, check.id, check.value, check.threshold)
+def rounds(by_pair: Mapping[Pair, Iterable[Check]]) -> list[dict[Pair, Check]]:
+    """The checks of each pair in (measured_at, id) order, the k-th of every pair in the
+    k-th round, each round's pairs in primary-key order: one upsert per round applies a
+    pair's checks in measured_at order, and the first one locks every pair of the message."""
+    ordered = {pair: sorted(checks, key=lambda c: (c.measured_at, c.id)) for pair, checks in by_pair.items()}
+    depth = max((len(checks) for checks in ordered.values()), default=0)
+    return [
+        {pair: checks[k] for pair, checks in sorted(ordered.items()) if len(checks) > k}
+        for k in range(depth)
+    ]
 
 
-def apply_checks(state: PairState | None, checks: Iterable[Check]) -> tuple[PairState | None, list[Change]]:
-    """The pair's state after `checks`, and the changes they made, in measured_at order."""
-    changes: list[Change] = []
-    for check in sorted(checks, key=lambda c: (c.measured_at, c.id)):
-        if state is None:
-            state = start(check)
-            # A pair first seen OK is not news; first seen in PROBLEM is.
-            if check.status == "PROBLEM":
-                changes.append(Change(check, None))
-        elif check.measured_at <= state.measured_at:
-            continue  # out of order or a duplicate: recorded as a check, nothing more
-        elif check.status != state.status:
-            changes.append(Change(check, state.status))
-            state = start(check)
-        else:
-            state = state._replace(measured_at=check.measured_at, check_id=check.id, value=check.value,
-                                   threshold=check.threshold)
-    return state, changes
+def change_of(check: Check, status: Status, since: datetime, measured_at: datetime,
+              previous_status: Status | None) -> Change | None:
+    """The change `check` made, judged from the state the upsert returned after it.
+
+    A status set by this check has since = measured_at (a same-status update keeps an
+    older since); previous_status is NULL only for a state this check created.
+    """
+    if since != measured_at:
+        return None
+    if previous_status is None:
+        # A pair first seen OK is not news; first seen in PROBLEM is.
+        return Change(check, None) if status == "PROBLEM" else None
+    return Change(check, previous_status)
