@@ -1100,6 +1100,14 @@ class Suite:
                         "; ".join(f"{lr.metric_key} {lr.status} {lr.error}" for lr in failed_loads)[:200]))
         rows.append(Row("replicas that exited on their own", 0, len(self.unexpected_exits),
                         len(self.unexpected_exits), "; ".join(self.unexpected_exits)))
+        errors = self.faults.of("error")
+        planned = ["kill -9", "SMTP down", "HasOffers down", "HasOffers errors"]
+        planned += [] if self.args.skip_broker_restart else ["RabbitMQ restart"]
+        planned += [] if self.args.skip_db_restart else ["PostgreSQL restart"]
+        absent = [kind for kind in planned if not self.faults.of(kind)]
+        rows.append(Row("faults injected as planned (failed / kinds missing)", len(planned),
+                        len(planned) - len(absent), len(errors) + len(absent),
+                        "; ".join([f"{e.target}: {e.note}" for e in errors] + absent)[:300]))
         rows.append(Row("rounds applied within the barrier timeout", self.args.rounds,
                         self.args.rounds - len(self.barrier_timeouts), len(self.barrier_timeouts),
                         "; ".join(self.barrier_timeouts)[:300]))
