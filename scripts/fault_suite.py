@@ -412,7 +412,11 @@ class Faults:
         record = self.record(FaultRecord("RabbitMQ restart", "broker", time.time()))
         stop = subprocess.run(["rabbitmqctl", "stop_app"], capture_output=True, text=True, timeout=180)
         time.sleep(2)
-        start = subprocess.run(["rabbitmqctl", "start_app"], capture_output=True, text=True, timeout=180)
+        for _ in range(5):  # never leave the broker stopped
+            start = subprocess.run(["rabbitmqctl", "start_app"], capture_output=True, text=True, timeout=180)
+            if start.returncode == 0:
+                break
+            time.sleep(3)
         record.ended = time.time()
         if stop.returncode or start.returncode:
             record.kind = "error"
@@ -427,10 +431,13 @@ class Faults:
         if result.returncode:
             record.kind = "error"
             record.note = f"pg_ctlcluster failed: {result.stderr.strip()}"[:300]
+            # never leave the database stopped
+            subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "start"],
+                           capture_output=True, timeout=180)
             return
         found = record.window = self.suite.still_in_window(self.suite.runs_in_side_effect_window())
         self.windows.append((record.started, "PostgreSQL restart", found))
-        record.note = f"side effect not yet committed: runs {found}" if found else ""
+        record.note = f"not committed: runs {found}" if found else ""
 
 
 # -- the suite -----------------------------------------------------------------------------------
