@@ -12,6 +12,7 @@ import uuid
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
+import orjson
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
 SCHEMA_VERSION = 1
@@ -141,9 +142,19 @@ def describe(error: ValidationError) -> str:
     return "; ".join(parts)
 
 
+def _loads(body: bytes) -> Any:
+    try:
+        # 3x faster than json on the 400 kB trigger.checked bodies.
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        # orjson refuses some bodies json reads, and we must read them as json does: NaN,
+        # Infinity and 1e400 (items that fail validation one by one), other encodings.
+        return json.loads(body)
+
+
 def parse_envelope(body: bytes) -> Envelope:
     try:
-        raw = json.loads(body)
+        raw = _loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidMessageError(f"body is not valid JSON: {exc}") from None
     if not isinstance(raw, dict):

@@ -55,14 +55,14 @@ def rounds(by_pair: Mapping[Pair, Iterable[Check]]) -> list[dict[Pair, Check]]:
     ]
 
 
-def change_of(check: Check, status: Status, since: datetime, measured_at: datetime,
-              previous_status: Status | None) -> Change | None:
+def change_of(check: Check, status: Status, status_set: bool, previous_status: Status | None) -> Change | None:
     """The change `check` made, judged from the state the upsert returned after it.
 
-    A status set by this check has since = measured_at (a same-status update keeps an
-    older since); previous_status is NULL only for a state this check created.
+    `status_set`: the state's since equals its measured_at, i.e. this check set the status
+    (a same-status update keeps an older since); previous_status is NULL only for a state
+    this check created.
     """
-    if since != measured_at:
+    if not status_set:
         return None
     if previous_status is None:
         # A pair first seen OK is not news; first seen in PROBLEM is.
