@@ -357,6 +357,61 @@ class Faults:
         finally:
             replica.in_fault.release()
 
+    def kill_loader_after_publish(self, request: Envelope) -> None:
+        """Kill the metric_loader replica whose load's batches are confirmed but whose run
+        is not yet marked succeeded (DESIGN.md section 7, "Redelivery"): the suite holds
+        the run's row lock, so the replica blocks in the UPDATE that marks it; kill it
+        there, let go of the lock, and the redelivered request must publish the same
+        batches again."""
+        suite = self.suite
+        loaders = [r for r in suite.replicas if r.service == "metric_loader"]
+        # No other kill of a metric_loader meanwhile: a redelivery would wait for our lock.
+        held = [r for r in loaders if r.in_fault.acquire(timeout=60)]
+        victim, record = None, None
+        try:
+            deadline = time.monotonic() + 120
+            while victim is None:
+                if time.monotonic() > deadline or suite._run_status(request) == "succeeded":
+                    self.record(FaultRecord("error", "metric_loader after publish", time.time(), time.time(),
+                                            "the load finished before the suite could catch it"))
+                    return
+                victim, record = self._catch_loader(request, held)
+                if victim is None:
+                    time.sleep(0.2)
+        finally:
+            for replica in held:
+                if replica is not victim:
+                    replica.in_fault.release()
+        self._after_kill(victim, record, 1.0)  # releases the victim
+
+    def _catch_loader(self, request: Envelope, loaders: list[Replica]) -> tuple[Replica | None, FaultRecord | None]:
+        """One try: hold the run while it is running; if the statement that waits for it
+        marks it succeeded, kill its replica. Any other step of the run (opening it,
+        recording a failed attempt) is let through."""
+        suite = self.suite
+        self.suite.fake.inject("slow", 1, method="Report.getStats", seconds=2.0)  # keeps the load reading
+        with suite.engine.connect() as conn, conn.begin():
+            locked = conn.execute(text("SELECT id FROM load_runs WHERE request_event_id = :e AND status = 'running'"
+                                       " FOR UPDATE"), {"e": str(request.event_id)}).first()
+            if locked is None:
+                return None, None
+            waiting: list = []
+            until = time.monotonic() + 30
+            while not waiting and time.monotonic() < until:
+                waiting = suite.db.rows(
+                    "SELECT client_port, query FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND wait_event_type = 'Lock' AND query LIKE '%load_runs%'")
+                time.sleep(0.05)
+            marking = [w for w in waiting if w.query.startswith("UPDATE load_runs SET status = 'succeeded'")]
+            victim = replica_by_port(marking[0].client_port, loaders) if marking else None
+            if victim is None:
+                return None, None
+            record = self.record(FaultRecord(
+                "kill -9", victim.name, time.time(),
+                note=f"after its load's batches were confirmed, before run {locked.id} was marked succeeded"))
+            victim.kill9()
+            return victim, record
+
     def arm_kill_mid_send(self, where: str) -> None:
         """Kill the action_runner replica whose next mail (or HasOffers write) was just
         taken, before it hears the answer: the crash the action_runner's bound is about."""
@@ -812,6 +867,8 @@ class Suite:
                             correlation_id="fault-suite")
         load = Load(request, expected)
         self.loads.append(load)
+        if self.load_rounds[r] == "conversions zeroed":
+            self.faults.later(0.0, self.faults.kill_loader_after_publish, request)
         self._publish(request, "load requests")
         if len(self.loads) == 1:
             self._publish(request, "load request twice (at once)")
