@@ -490,7 +490,9 @@ class Faults:
             subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "start"],
                            capture_output=True, timeout=180)
             return
-        found = record.window = self.suite.still_in_window(self.suite.runs_in_side_effect_window())
+        candidates = self.suite.runs_in_side_effect_window()
+        time.sleep(0.3)
+        found = record.window = self.suite.still_in_window(candidates)
         self.windows.append((record.started, "PostgreSQL restart", found))
         record.note = f"not committed: runs {found}" if found else ""
 
