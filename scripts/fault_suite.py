@@ -743,9 +743,8 @@ class Suite:
             envelope = self._envelope(batch, stamp)
             self.batches[r].append(envelope)
             messages.append(lambda e=envelope: self._publish(e, "metric.loaded batches"))
-            if self.rng.random() < 0.12:  # the same message twice, later in the round
-                messages.insert(self.rng.randint(len(messages), len(messages) + 3),
-                                lambda e=envelope: self._publish(e, "metric.loaded published twice"))
+            if self.rng.random() < 0.12:  # the same message twice
+                messages.append(lambda e=envelope: self._publish(e, "metric.loaded published twice"))
         self.rng.shuffle(messages)  # batches out of order, copies before originals, poison anywhere
         for publish in messages:
             publish()
