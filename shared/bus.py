@@ -7,9 +7,10 @@ to the work queue, and a dead-letter queue `<queue>.dead`. Every process declare
 whole topology, so start order does not matter.
 
 Per message: parse and validate the envelope -> run the handler (which commits) ->
-publish its outputs with confirms (all of them, then one wait for every confirm) -> ack. Invalid messages go to the dead queue at
-once with the reason in a header; retryable failures go through the retry queue with
-a count and reach the dead queue after the retry limit.
+publish its outputs with confirms (all of them, then one wait for every confirm) -> ack.
+Invalid messages go to the dead queue at once with the reason in a header; retryable
+failures go through the retry queue with a count and reach the dead queue after the
+retry limit.
 """
 
 from __future__ import annotations
