@@ -6,8 +6,8 @@ A batch goes to PostgreSQL as one array per column and comes back as rows throug
 
 Each array travels as ONE text parameter in PostgreSQL's array syntax (`'{1,2,3}'`)
 cast to its type, not as psycopg2's `ARRAY[1, 2, 3]`: the server parses the latter as
-an expression per element, which cost ~10x more than the whole write for batches of
-thousands of rows (measured: 2000 rows x 9 columns, 29 ms against 3.6 ms).
+an expression per element, eight times the cost for batches of thousands of rows
+(measured: unnesting 2000 rows x 9 columns, 29 ms against 3.6 ms).
 """
 
 from __future__ import annotations
