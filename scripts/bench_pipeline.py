@@ -355,14 +355,15 @@ def main() -> int:
             print(f"--- {service.name} log (tail) ---\n{service.log()[-3000:]}", file=sys.stderr)
         raise
     finally:
-        for service in services:
-            service.stop()
-        if bus is not None:
-            bus.close()
-        if engine is not None:
-            engine.dispose()
-        delete_topology(amqp_url, exchange)
-        drop_database(pg_admin, db_name)
+        cleanup = [service.stop for service in services]
+        cleanup += [bus.close] if bus is not None else []
+        cleanup += [engine.dispose] if engine is not None else []
+        cleanup += [lambda: delete_topology(amqp_url, exchange), lambda: drop_database(pg_admin, db_name)]
+        for step in cleanup:
+            try:  # every step, even when one fails (the broker or the database may be down)
+                step()
+            except Exception as exc:
+                print(f"cleanup: {type(exc).__name__}: {exc}", file=sys.stderr)
 
     results["relay"] = relay = run_relay(amqp_url, args.relay_messages)
     ratio = t["values_per_second"] / relay["messages_per_second"]
