@@ -221,7 +221,12 @@ def test_after_publish_runs_once_the_outputs_are_confirmed(bus, exchange):
 
 def test_stop_hands_back_what_it_holds_instead_of_draining_the_queue(bus, exchange):
     handled = []
-    consumer = make_consumer(exchange, lambda e: (handled.append(e.event_id), consumer.stop()), prefetch=50)
+
+    def handler(envelope):
+        handled.append(envelope.event_id)
+        consumer.stop()
+
+    consumer = make_consumer(exchange, handler, prefetch=50)
     events = [metric_event() for _ in range(20)]
     for event in events:
         bus.publish(event)
@@ -229,4 +234,6 @@ def test_stop_hands_back_what_it_holds_instead_of_draining_the_queue(bus, exchan
         wait_for(lambda: handled, what="the first message")
     # stop() was asked during the first message: every other delivery went back to the queue
     assert len(handled) == 1
-    wait_for(lambda: queue_depth(queue_names(exchange, "trigger_checker").work) == 19)
+    names = queue_names(exchange, "trigger_checker")
+    wait_for(lambda: queue_depth(names.work) == 19)
+    assert queue_depth(names.retry) == 0 and queue_depth(names.dead) == 0
