@@ -291,15 +291,42 @@ def test_two_replicas_with_the_same_event_send_once(world):
     first = threading.Thread(target=run, args=(world, envelope, mailer))
     first.start()
     assert sending.wait(10)
-    # The first replica holds the run it is sending; the second skips it and takes the next one.
+    # The first replica holds the run it is sending; the second skips it, takes the next one,
+    # and does not ack: its delivery comes back until the held run is final.
     mailer.before_send = lambda mail: None
-    second = run(world, envelope, mailer)
+    with pytest.raises(RetryableError, match="being handled by another delivery"):
+        run(world, envelope, mailer)
     release.set()
     first.join(10)
 
     assert sorted(m.recipients for m in mailer.sent) == [("ann@aff.example", "bob@aff.example"), ("ops@net.example",)]
     assert [r["status"] for r in runs(world)] == ["succeeded", "succeeded"]
-    assert [parse_data(n).kind for n in second.notices] == ["email_affiliate"]  # the other is the first's
+    again = run(world, envelope, mailer)  # the second delivery, back from the retry queue
+    assert sorted(parse_data(n).kind for n in again.notices) == ["email_administrators", "email_affiliate"]
+    assert len(mailer.sent) == 2
+
+
+def test_a_run_held_by_a_delivery_that_is_then_lost_is_not_stranded(world, mailer):
+    # Found by scripts/fault_suite.py: replica A held a run when RabbitMQ restarted, so the
+    # broker handed A's delivery to replica B, which found the run locked and acked. A then
+    # finished the run but had no delivery left to announce it; had A's attempt failed (or
+    # had A died), the run would have stayed pending for good.
+    one_action(world, "email_administrators")
+    envelope = envelope_of(new_trigger_event(world))
+    failing = FakeMailer()
+    failing.failures.append(MailTransientError("451 try later"))
+    with pytest.raises(RetryableError):
+        run(world, envelope, failing)  # the run exists, still pending after a failed attempt
+    [held] = runs(world)
+    with world.connect() as replica_a:  # A is in the middle of it...
+        replica_a.execute(text("SELECT 1 FROM operation_runs WHERE id = :id FOR UPDATE"), {"id": held["id"]})
+        with pytest.raises(RetryableError, match=f"run {held['id']} is being handled by another delivery"):
+            run(world, envelope, mailer)  # B does not ack
+        replica_a.rollback()  # ...and A never finishes: it lost its delivery, or died
+    result = run(world, envelope, mailer)  # B's delivery comes back
+    assert len(mailer.sent) == 1
+    assert [(r["status"], r["attempts"]) for r in runs(world)] == [("succeeded", 2)]
+    assert [parse_data(n).operation_run_id for n in result.notices] == [held["id"]]
 
 
 def test_a_crash_after_sending_before_commit_gives_at_most_one_duplicate(world, mailer):

@@ -9,7 +9,10 @@ Exactly once, step by step (DESIGN.md section 4, "Action"):
 2. Per run still `pending`, in its own transaction: lock the row (FOR UPDATE SKIP LOCKED),
    do the side effect, write the outcome, commit. The lock is what keeps two replicas
    holding the same event from both sending: the second skips a run the first is working
-   on, and finds it final afterwards. A run that is not `pending` is never done again.
+   on. It does not ack its delivery then, but sends it through the retry queue until the
+   run is final. The first may lose its own delivery (its broker connection dropped
+   meanwhile, or it died and its lock outlived it by a moment) and could neither
+   announce the run nor try it again. A run that is not `pending` is never done again.
 3. Publish an operation.executed notice (deterministic event id) for every final run of
    the event, on every delivery: a crash between commit and publish loses none.
 
@@ -91,7 +94,7 @@ def handle(envelope: Envelope, *, engine: Engine, mailer: Mailer, hasoffers: Has
         if status != "pending":
             continue
         result = _run_once(engine, run_id, facts, mailer=mailer, hasoffers=hasoffers, settings=settings)
-        if result.kind == "retry":
+        if result.kind in ("retry", "busy"):
             retry.append(result.reason)
         elif result.kind == "gave_up":
             gave_up.append(result.reason)
@@ -254,9 +257,13 @@ def _run_once(engine: Engine, run_id: int, facts: EventFacts, *, mailer: Mailer,
             .with_for_update(of=OperationRun, skip_locked=True)
         ).first()
         if row is None:
-            # Another replica holds it (its own delivery finishes it) or it just became final.
-            logger.info("event_id=%s run %d is being handled elsewhere or is done", facts.event_id, run_id)
-            return RunResult("busy")
+            status = conn.execute(select(OperationRun.status).where(OperationRun.id == run_id)).scalar_one()
+            if status != "pending":
+                return RunResult("final")  # finished elsewhere since we listed the runs
+            # Another replica holds it. Its delivery normally finishes it, but that delivery may
+            # be gone (a lost broker connection); this one comes back until the run is final.
+            logger.info("event_id=%s run %d is being handled elsewhere; will look again", facts.event_id, run_id)
+            return RunResult("busy", f"run {run_id} is being handled by another delivery")
         run = RunSpec(run_id=row.id, trigger_event_id=row.trigger_event_id, action_id=row.action_id,
                       operation_id=row.operation_id, kind=row.kind, subject=row.subject, body=row.body)
         if settings.actions_dry_run:
