@@ -1228,7 +1228,9 @@ class Suite:
                         "; ".join(self.barrier_timeouts)[:300]))
         details = {"lost values": lost[:5], "extra values": extra[:5], "missing runs": missing_runs[:5],
                    "runs with another outcome": wrong_runs[:5], "missing calls": list(missing_calls.items())[:5],
-                   "unsent mails": unsent[:5], "stray mails": stray[:5], "duplicates": explained[:10]}
+                   "unsent mails": unsent[:5], "stray mails": stray[:5], "duplicates": explained[:10],
+                   "final runs never announced": sorted(final_runs - notices)[:10],
+                   "trigger events never announced": sorted(set(event_ids) - announced)[:10]}
         return rows, details
 
 
