@@ -129,6 +129,14 @@ class TimedCalls(list):
         super().__init__()
         self.peer = threading.local()
         self.on_next_call: Callable[[int], None] | None = None
+        # Runs before the next write call is answered (the caller waits meanwhile).
+        self.hold_next_write: Callable[[], None] | None = None
+        self.hold_lock = threading.Lock()
+
+    def take_hold(self) -> Callable[[], None] | None:
+        with self.hold_lock:
+            hold, self.hold_next_write = self.hold_next_write, None
+            return hold
 
     def append(self, call: dict[str, Any]) -> None:
         super().append({**call, "at": time.time()})
@@ -466,8 +474,23 @@ class Faults:
         fake.inject("http_500", 4, method="Offer.blockAffiliate")
         record.ended = time.time()
 
-    def rabbitmq_restart(self) -> None:
-        record = self.record(FaultRecord("RabbitMQ restart", "broker", time.time()))
+    def rabbitmq_restart_holding_a_run(self) -> None:
+        """Restart RabbitMQ while an action_runner replica is in the middle of a run (its
+        HasOffers call held open until the other replica has reconnected): the broker gives
+        the holder's delivery to the other replica, which finds the run claimed."""
+        calls = self.suite.fake.calls
+
+        def hold() -> None:
+            self.rabbitmq_restart(note="while an action_runner held a run (its HasOffers call kept open)")
+            time.sleep(8)  # the consumers' reconnect back-off is 1 + 2 + 4 s
+
+        calls.hold_next_write = hold
+        time.sleep(3)
+        if calls.take_hold() is not None:  # no call came: restart anyway
+            self.rabbitmq_restart(note="no HasOffers call to hold")
+
+    def rabbitmq_restart(self, note: str = "") -> None:
+        record = self.record(FaultRecord("RabbitMQ restart", "broker", time.time(), note=note))
         stop = subprocess.run(["rabbitmqctl", "stop_app"], capture_output=True, text=True, timeout=180)
         time.sleep(2)
         for _ in range(5):  # never leave the broker stopped
@@ -586,7 +609,7 @@ class Suite:
                "KPI_RETRY_LIMIT": str(a.retry_limit), "KPI_STARTUP_ATTEMPTS": "40", "KPI_LOG_LEVEL": "INFO",
                "HASOFFERS_BASE_URL": f"http://127.0.0.1:{self.fake_port}/Apiv3/json",
                "HASOFFERS_NETWORK_ID": "fault", "HASOFFERS_NETWORK_TOKEN": TOKEN, "HASOFFERS_MAX_ATTEMPTS": "2",
-               "HASOFFERS_TIMEOUT_SECONDS": "5", "SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(self.sink.port),
+               "HASOFFERS_TIMEOUT_SECONDS": "20", "SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(self.sink.port),
                "SMTP_TIMEOUT_SECONDS": "5", "MAIL_FROM": "kpi@fault.example", "KPI_MIN_CLICKS": "0",
                "KPI_MIN_CONVERSIONS": "0", "KPI_SCHEDULE_METRICS_SECONDS": "0", "KPI_SCHEDULE_REFERENCE_SECONDS": "0"}
         for service in SERVICES:
@@ -604,6 +627,10 @@ class Suite:
 
             def remember_caller(request: Any, body: bytes) -> None:
                 calls.peer.port = request.client_address[1]
+                if b"Method=setAffiliateApproval" in body or b"Method=blockAffiliate" in body:
+                    hold = calls.take_hold()
+                    if hold is not None:
+                        hold()
                 serve(request, body)
             self.fake._serve = remember_caller
         self.fake.start(port=self.fake_port)
@@ -703,7 +730,7 @@ class Suite:
         if r == min(2, n - 1):
             f.later(0.3, f.hasoffers_outage, 6.0)
         if r == min(3, n - 1) and not self.args.skip_broker_restart:
-            f.later(1.0, f.rabbitmq_restart)
+            f.later(0.5, f.rabbitmq_restart_holding_a_run)
         if r == min(4, n - 1):
             f.later(0.5, f.hasoffers_errors)
         if r == min(5, n - 1) and not self.args.skip_db_restart:
