@@ -16,6 +16,7 @@ from typing import Any
 from aiosmtpd.controller import Controller
 from sqlalchemy import Connection, Engine, text
 
+from services.fake_hasoffers.network import FakeAffiliate, FakeOffer, Network
 from shared.events import TRIGGER_EVENT_OK, TRIGGER_EVENT_PROBLEM, Envelope, TriggerEvent, new_event, stable_event_id
 
 MEASURED_AT = datetime(2026, 11, 28, 10, 0, tzinfo=timezone.utc)
@@ -178,3 +179,9 @@ def runs(engine: Engine, trigger_event_id: int | None = None) -> list[dict[str, 
             "WHERE :te IS NULL OR trigger_event_id = CAST(:te AS bigint) ORDER BY id"
         ), {"te": trigger_event_id}).mappings().all()
     return [dict(r) for r in rows]
+
+
+def fake_network(*extra_offers: FakeOffer) -> Network:
+    """The HasOffers side of seed_reference: an open offer, a gated one, the affiliate."""
+    offers = [FakeOffer(OFFER, "Summer"), FakeOffer(OFFER_APPROVAL, "Gated", require_approval=True), *extra_offers]
+    return Network(offers={o.id: o for o in offers}, affiliates={AFFILIATE: FakeAffiliate(AFFILIATE, "Acme")})

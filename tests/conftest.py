@@ -123,3 +123,13 @@ def start_service(service_env: dict[str, str], tmp_path: Path) -> Iterator[Calla
     for process in started:
         if process.process is not None and process.process.poll() is None:
             process.kill()
+
+
+@pytest.fixture
+def world(db: Engine) -> Engine:
+    """The database with the action_runner tests' reference rows (offers, people, triggers)."""
+    from tests.action_runner_support import seed_reference
+
+    with db.begin() as conn:
+        seed_reference(conn)
+    return db

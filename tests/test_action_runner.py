@@ -10,11 +10,11 @@ from collections.abc import Callable, Iterator
 import pytest
 from sqlalchemy import text
 
-from services.fake_hasoffers.network import FakeAffiliate, FakeOffer, Network
 from services.fake_hasoffers.server import FakeHasOffers
 from shared.bus import H_REASON, Bus, queue_names
 from shared.events import OPERATION_EXECUTED, new_event
 from tests.action_runner_support import (
+    fake_network,
     AFFILIATE,
     LONELY_AFFILIATE,
     OFFER,
@@ -28,7 +28,6 @@ from tests.action_runner_support import (
     envelope_of,
     free_port,
     runs,
-    seed_reference,
     set_state,
 )
 from tests.support import ServiceProcess, drain, queue_depth, wait_for
@@ -45,21 +44,10 @@ def smtp() -> Iterator[FakeSmtpServer]:
 
 @pytest.fixture
 def fake_api() -> Iterator[FakeHasOffers]:
-    network = Network(
-        offers={OFFER: FakeOffer(OFFER, "Summer"), OFFER_APPROVAL: FakeOffer(OFFER_APPROVAL, "Gated", require_approval=True)},
-        affiliates={AFFILIATE: FakeAffiliate(AFFILIATE, "Acme")},
-    )
-    fake = FakeHasOffers(network)
+    fake = FakeHasOffers(fake_network())
     fake.start()
     yield fake
     fake.stop()
-
-
-@pytest.fixture
-def world(db):
-    with db.begin() as conn:
-        seed_reference(conn)
-    return db
 
 
 @pytest.fixture

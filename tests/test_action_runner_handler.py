@@ -12,7 +12,7 @@ from sqlalchemy import text
 
 from services.action_runner.handler import handle
 from services.action_runner.mailer import Mail, MailRejectedError, MailTransientError, SmtpMailer
-from services.fake_hasoffers.network import FakeAffiliate, FakeOffer, Network
+from services.fake_hasoffers.network import FakeOffer
 from services.fake_hasoffers.server import FakeHasOffers
 from shared.bus import RetryableError
 from shared.events import (
@@ -26,6 +26,7 @@ from shared.events import (
 from shared.hasoffers import HasOffersClient
 from shared.settings import Settings
 from tests.action_runner_support import (
+    fake_network,
     AFFILIATE,
     LONELY_AFFILIATE,
     MEASURED_AT,
@@ -39,7 +40,6 @@ from tests.action_runner_support import (
     add_trigger_event,
     envelope_of,
     runs,
-    seed_reference,
     set_state,
 )
 
@@ -71,12 +71,8 @@ class FakeMailer:
 
 @pytest.fixture(scope="module")
 def fake_api() -> Iterator[FakeHasOffers]:
-    network = Network(
-        offers={OFFER: FakeOffer(OFFER, "Summer"), OFFER_APPROVAL: FakeOffer(OFFER_APPROVAL, "Gated", require_approval=True),
-                UNKNOWN_OFFER_KNOWN_TO_API: FakeOffer(UNKNOWN_OFFER_KNOWN_TO_API, "Remote", require_approval=True)},
-        affiliates={AFFILIATE: FakeAffiliate(AFFILIATE, "Acme")},
-    )
-    fake = FakeHasOffers(network)
+    fake = FakeHasOffers(fake_network(
+        FakeOffer(UNKNOWN_OFFER_KNOWN_TO_API, "Remote", require_approval=True)))
     fake.start()
     yield fake
     fake.stop()
@@ -89,13 +85,6 @@ def api(fake_api: FakeHasOffers) -> Iterator[HasOffersClient]:
                              backoff_seconds=0, rate_limit_pause_seconds=0)
     yield client
     client.close()
-
-
-@pytest.fixture
-def world(db):
-    with db.begin() as conn:
-        seed_reference(conn)
-    return db
 
 
 @pytest.fixture

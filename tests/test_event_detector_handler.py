@@ -29,6 +29,25 @@ def run_scenario(db):
     return published
 
 
+
+def handle_concurrently(db, batches, threads=8) -> list[Exception]:
+    """Hand the batches to `threads` threads at once; return what they raised."""
+    errors: list[Exception] = []
+
+    def work(share):
+        try:
+            for batch in share:
+                handle_trigger_checked(checked_message(batch), db)
+        except Exception as exc:  # noqa: BLE001 - returned to the test
+            errors.append(exc)
+
+    workers = [threading.Thread(target=work, args=(batches[n::threads],)) for n in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    return errors
+
 def test_the_scenario_gives_the_expected_states_and_events(db):
     seed(db)
     published = run_scenario(db)
@@ -121,21 +140,7 @@ def test_concurrent_handlers_on_the_same_pairs_record_each_change_once(db):
     batches = [[i for p in rng.sample(pairs, 6) for i in by_pair[p]] for _ in range(40)]
     batches += [[i for p in pairs for i in by_pair[p]]] * 2
     rng.shuffle(batches)
-    errors = []
-
-    def work(share):
-        try:
-            for batch in share:
-                handle_trigger_checked(checked_message(batch), db)
-        except Exception as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work, args=(batches[n::8],)) for n in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert errors == []
+    assert handle_concurrently(db, batches) == []
 
     model = Model()
     thresholds = {(name, 103, a): {"min CR": 0.05, "max CR": None}[name] for name in ("min CR", "max CR")
@@ -156,19 +161,5 @@ def test_concurrent_handlers_with_partial_batches_keep_a_consistent_history(db):
     items = check_items(db, "t.name = 'min CR'")
     batches = [rng.sample(items, rng.randint(1, 24)) for _ in range(300)] + [[i] for i in items]
     rng.shuffle(batches)
-    errors = []
-
-    def work(share):
-        try:
-            for batch in share:
-                handle_trigger_checked(checked_message(batch), db)
-        except Exception as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work, args=(batches[n::8],)) for n in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert errors == []
+    assert handle_concurrently(db, batches) == []
     assert assert_consistent_history(db) >= 6
