@@ -34,7 +34,7 @@ from services.fake_hasoffers.server import FakeHasOffers  # noqa: E402
 from services.metric_loader import metrics  # noqa: E402
 from services.metric_loader.handler import LoaderConfig, handle, monitored_offers  # noqa: E402
 from shared import migrate  # noqa: E402
-from shared.bus import SERVICE_BINDINGS, Bus, queue_names  # noqa: E402
+from shared.rabbitmq import SERVICE_BINDINGS, Bus, queue_names  # noqa: E402
 from shared.db import make_engine  # noqa: E402
 from shared.events import METRIC_LOAD_REQUESTED, MetricLoadRequested, new_event  # noqa: E402
 from shared.hasoffers import HasOffersClient  # noqa: E402

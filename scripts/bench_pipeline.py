@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 
 from scripts.pika_relay import run_relay  # noqa: E402
 from shared import migrate  # noqa: E402
-from shared.bus import SERVICE_BINDINGS, Bus, queue_names  # noqa: E402
+from shared.rabbitmq import SERVICE_BINDINGS, Bus, queue_names  # noqa: E402
 from shared.db import make_engine  # noqa: E402
 from shared.events import METRIC_LOADED, encode, new_event  # noqa: E402
 

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from shared import migrate  # noqa: E402
-from shared.bus import SERVICE_BINDINGS, Bus, queue_names  # noqa: E402
+from shared.rabbitmq import SERVICE_BINDINGS, Bus, queue_names  # noqa: E402
 from shared.db import make_engine  # noqa: E402
 from shared.events import METRIC_KEYS, METRIC_LOAD_REQUESTED, REFERENCE, MetricLoadRequested, new_event  # noqa: E402
 

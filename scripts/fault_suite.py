@@ -48,7 +48,7 @@ import fault_model as fm  # noqa: E402  (scripts/ is on sys.path: this file's di
 from services.fake_hasoffers.network import generate  # noqa: E402
 from services.fake_hasoffers.server import FakeHasOffers, Fault  # noqa: E402
 from shared import migrate  # noqa: E402
-from shared.bus import SERVICE_BINDINGS, Bus, PublishError, queue_names  # noqa: E402
+from shared.rabbitmq import SERVICE_BINDINGS, Bus, PublishError, queue_names  # noqa: E402
 from shared.db import make_engine  # noqa: E402
 from shared.events import (  # noqa: E402
     METRIC_LOAD_REQUESTED, METRIC_LOADED, OPERATION_EXECUTED, TRIGGER_CHECKED, TRIGGER_EVENT_OK,

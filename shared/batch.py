@@ -8,15 +8,14 @@ letter can be traced to its source) and carries only them, with one reason per i
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from shared.bus import DeadLetter
 from shared.events import Envelope, InvalidMessageError
+from shared.handling import REASONS_KEY, DeadLetter, dumps_safely
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -35,19 +34,29 @@ class Batch(Generic[M]):
         self.reasons.setdefault(index, []).append(f"data.{self.key}.{index}.{field_name}: {message}")
 
     def reason(self) -> str:
-        return "; ".join(reason for index in sorted(self.reasons) for reason in self.reasons[index])
+        return "; ".join(self._all_reasons())
+
+    def _all_reasons(self) -> list[str]:
+        return [reason for index in sorted(self.reasons) for reason in self.reasons[index]]
 
     def dead_letter(self) -> DeadLetter | None:
-        """The invalid items as one dead letter, or None when every item is valid."""
+        """The invalid items as one dead letter, or None when every item is valid.
+
+        The body is the envelope with only those items, and every reason under
+        REASONS_KEY (a header holds only the first ones; replay removes the key)."""
         if not self.reasons:
             return None
         body = self.envelope.model_dump(mode="json", exclude={"data"})
         # The raw items as they came, NaN included: pydantic would turn NaN into null.
         body["data"] = {self.key: [self.raw[index] for index in sorted(self.reasons)]}
-        return DeadLetter(body=json.dumps(body).encode(), reason=self.reason())
+        body[REASONS_KEY] = self._all_reasons()
+        return DeadLetter(body=dumps_safely(body).encode(), reason=self.reason())
 
     def nothing_valid_error(self) -> InvalidMessageError:
-        return InvalidMessageError(f"every item of {self.envelope.type} is invalid: {self.reason()}")
+        """The whole message is dead: every item, with every reason in the body."""
+        dead = self.dead_letter()
+        return InvalidMessageError(f"every item of {self.envelope.type} is invalid: {self.reason()}",
+                                   dead_body=dead.body if dead else None)
 
 
 def split_batch(envelope: Envelope, key: str, model: type[M], max_items: int) -> Batch[M]:

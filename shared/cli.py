@@ -24,7 +24,9 @@ from sqlalchemy import Engine, text
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from shared import migrate
-from shared.bus import SERVICE_BINDINGS, BrokerUnavailableError, Bus, read_dead_letters, replay_dead_letters
+from shared.rabbitmq import (
+    SERVICE_BINDINGS, BrokerUnavailableError, Bus, dead_letter_count, read_dead_letters, replay_dead_letters,
+)
 from shared.db import make_engine
 from shared.events import METRIC_KEYS, METRIC_LOAD_REQUESTED, REFERENCE, MetricLoadRequested, new_event
 from shared.settings import Settings
@@ -69,7 +71,12 @@ def cmd_seed(settings: Settings, args: argparse.Namespace) -> None:
     path = Path(args.file)
     if not path.is_file():
         raise CliError(f"no such file: {path}")
-    sql = path.read_text(encoding="utf-8")
+    try:
+        sql = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CliError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    except OSError as exc:
+        raise CliError(f"{path}: cannot read it: {exc.strerror or exc}") from None
     engine = _engine(settings)
     # The raw DBAPI cursor runs a whole script (several statements, its own BEGIN/COMMIT).
     connection = engine.raw_connection()
@@ -161,11 +168,13 @@ def cmd_triggers(settings: Settings, args: argparse.Namespace) -> None:
 def cmd_dead(settings: Settings, args: argparse.Namespace) -> None:
     with _bus(settings) as bus:
         if args.action == "list":
+            total = dead_letter_count(bus, args.service)
             letters = read_dead_letters(bus, args.service, args.limit)
             if args.json:
                 print(json.dumps(letters, indent=2, default=str))
                 return
-            print(f"{len(letters)} dead letter(s) in {bus.exchange}.{args.service}.dead")
+            shown = f"; the first {len(letters)} shown (--limit)" if len(letters) < total else ""
+            print(f"{total} dead letter(s) in {bus.exchange}.{args.service}.dead{shown}")
             for letter in letters:
                 print(f"- {letter['message_id']} {letter['routing_key']} at {letter['dead_at']}: {letter['reason']}")
         else:

@@ -254,6 +254,10 @@ class LoadRun(Base):
     rows_read: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     values_published: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     error: Mapped[str | None] = mapped_column(Text)
+    # Handler starts, crashed and interrupted ones included (migration 0005).
+    attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    # What the load cleaned or skipped while it still succeeded.
+    notes: Mapped[str | None] = mapped_column(Text)
 
 
 Index(

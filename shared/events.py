@@ -130,7 +130,15 @@ DATA_MODELS: dict[str, type[_Model]] = {
 
 
 class InvalidMessageError(Exception):
-    """The message can never be handled: it goes to the dead-letter queue, never retried."""
+    """The message can never be handled: it goes to the dead-letter queue, never retried.
+
+    `dead_body`, when given, is dead-lettered instead of the message as received: the
+    message with every reason inside (shared.batch), where the header holds only the first.
+    """
+
+    def __init__(self, reason: str, dead_body: bytes | None = None):
+        super().__init__(reason)
+        self.dead_body = dead_body
 
 
 def describe(error: ValidationError) -> str:
@@ -157,6 +165,8 @@ def parse_envelope(body: bytes) -> Envelope:
         raw = _loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidMessageError(f"body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidMessageError("body is not valid JSON: nested too deeply") from None
     if not isinstance(raw, dict):
         raise InvalidMessageError("body is not a JSON object")
     try:

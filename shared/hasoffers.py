@@ -13,6 +13,7 @@ is silenced in shared.logs because a URL may carry parameters.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
@@ -21,7 +22,7 @@ from urllib.parse import urlencode
 
 import httpx
 
-from shared.bus import RetryableError
+from shared.handling import RetryableError
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,19 @@ class HasOffersResponseError(HasOffersError):
 
 class HasOffersUnavailableError(RetryableError):
     """Transient: HTTP 5xx, timeouts, connection errors or the rate limit, after our own retries."""
+
+
+def token_pattern(token: str) -> re.Pattern[str]:
+    """Matches the token as it is and in every form an error could echo it: URL-encoded
+    (either case of hex, `+` for a space), as a form body or a query string carries it."""
+    if not token:
+        return re.compile(r"(?!)")  # matches nothing
+    alternatives = []
+    for char in token:
+        percent = "".join(f"%{byte:02X}" for byte in char.encode())
+        forms = [re.escape(char), "(?i:" + re.escape(percent) + ")"] + ([r"\+"] if char == " " else [])
+        alternatives.append("(?:" + "|".join(forms) + ")")
+    return re.compile("".join(alternatives))
 
 
 def encode_params(params: Mapping[str, Any], prefix: str = "") -> list[tuple[str, str]]:
@@ -93,6 +107,7 @@ class HasOffersClient:
         self.base_url = base_url
         self.network_id = network_id
         self._token = network_token
+        self._token_pattern = token_pattern(network_token)
         self.max_attempts = max_attempts
         self.backoff_seconds = backoff_seconds
         self.rate_limit_pause_seconds = rate_limit_pause_seconds
@@ -120,7 +135,7 @@ class HasOffersClient:
         self.close()
 
     def _scrub(self, text: str) -> str:
-        return text.replace(self._token, "***") if self._token else text
+        return self._token_pattern.sub("***", text)
 
     # -- the one way to call the API ----------------------------------------------------
 

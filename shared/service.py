@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 from sqlalchemy import Engine
 
-from shared.bus import BrokerUnavailableError, Bus, Consumer, Handler
+from shared.handling import Handler
+from shared.rabbitmq import SERVICE_BINDINGS, BrokerUnavailableError, Bus, Consumer
 from shared.db import DatabaseUnavailableError, make_engine, wait_for_database
 from shared.logs import configure_logging
 from shared.observability import ServiceMetrics, serve
@@ -36,8 +37,12 @@ class Context:
         return Bus(s.amqp_url.get_secret_value(), s.kpi_exchange, heartbeat=s.kpi_heartbeat_seconds)
 
 
-def run_service(service: str, make_handler: Callable[[Context], Handler],
+def run_service(service: str, consumes: str, make_handler: Callable[[Context], Handler],
                 background: Callable[[Context, Consumer], None] | None = None) -> int:
+    """Run `service`, which consumes the routing key `consumes`, until SIGTERM."""
+    if SERVICE_BINDINGS.get(service) != consumes:
+        raise AssertionError(f"{service} consumes {consumes!r} but the topology binds its queue to "
+                             f"{SERVICE_BINDINGS.get(service)!r}")
     settings = Settings()
     configure_logging(service, settings.kpi_log_level, settings.kpi_log_json)
     engine = make_engine(settings.database_url.get_secret_value())

@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     kpi_retry_delay_ms: int = Field(5000, ge=0)
     kpi_startup_attempts: int = Field(10, ge=1)
     kpi_heartbeat_seconds: int = Field(30, ge=0)
+    # A metric value measured later than now + this is invalid (a clock gone wrong, or a
+    # year-9999 typo that would freeze its pair's state).
+    kpi_max_clock_skew_seconds: int = Field(3600, ge=0, le=7 * 24 * 3600)
 
     # Observability
     kpi_log_level: str = "INFO"

@@ -25,7 +25,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.selectable import TableValuedAlias
 from sqlalchemy.types import TypeEngine
 
-from shared.bus import RetryableError
+from shared.handling import RetryableError
 
 # SQLSTATEs worth another try: serialization failure, deadlock, lock timeout,
 # and the server going away (admin shutdown, crash, cannot connect now).

@@ -43,14 +43,19 @@ class ReceivedMail:
 
 class FakeSmtpServer:
     """aiosmtpd on 127.0.0.1:<port>. `replies` are answered to the next DATA commands instead
-    of accepting them (e.g. "451 4.3.0 try again later"); `delay` holds each accepted mail."""
+    of accepting them (e.g. "451 4.3.0 try again later"); `delay` holds each accepted mail;
+    `together` holds each mail until that many are being sent at once (a barrier, 10 s at
+    most), and `most_at_once` says how many were."""
 
     def __init__(self, port: int | None = None, delay: float = 0.0):
         self.port = port or free_port()
         self.delay = delay
+        self.together = 0
+        self.most_at_once = 0
         self.replies: list[str] = []
         self.received: list[ReceivedMail] = []
         self.data_commands = 0
+        self._in_flight = 0
         self._lock = threading.Lock()
         self._controller: Controller | None = None
 
@@ -59,8 +64,17 @@ class FakeSmtpServer:
             self.data_commands += 1
             if self.replies:
                 return self.replies.pop(0)
-        if self.delay:
-            await asyncio.sleep(self.delay)
+            self._in_flight += 1
+            self.most_at_once = max(self.most_at_once, self._in_flight)
+        try:
+            deadline = asyncio.get_running_loop().time() + 10
+            while self.most_at_once < self.together and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.01)
+            if self.delay:
+                await asyncio.sleep(self.delay)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
         raw = envelope.content if isinstance(envelope.content, bytes) else envelope.content.encode()
         message = email.message_from_bytes(raw, policy=policy.default)
         with self._lock:
@@ -149,7 +163,8 @@ _check_ids = iter(range(1000, 10**9))
 
 def add_trigger_event(conn: Connection, trigger_id: int = TRIGGER, offer_id: int = OFFER,
                       affiliate_id: int = AFFILIATE, status: str = "PROBLEM", previous: str | None = "OK",
-                      value: float = 0.01, threshold: float = 0.05) -> TriggerEvent:
+                      value: float = 0.01, threshold: float = 0.05,
+                      measured_at: datetime = MEASURED_AT) -> TriggerEvent:
     """A trigger_events row (and the state it produced), and the message that announces it."""
     check_id = next(_check_ids)
     trigger_event_id = conn.execute(text("""
@@ -157,12 +172,12 @@ def add_trigger_event(conn: Connection, trigger_id: int = TRIGGER, offer_id: int
                                     value, threshold, measured_at)
         VALUES (:t, :o, :a, :p, :s, :c, :v, :th, :m) RETURNING id
     """), {"t": trigger_id, "o": offer_id, "a": affiliate_id, "p": previous, "s": status, "c": check_id,
-           "v": value, "th": threshold, "m": MEASURED_AT}).scalar_one()
+           "v": value, "th": threshold, "m": measured_at}).scalar_one()
     set_state(conn, trigger_id, offer_id, affiliate_id, status)
     name = conn.execute(text("SELECT name FROM triggers WHERE id = :t"), {"t": trigger_id}).scalar_one()
     return TriggerEvent(trigger_event_id=trigger_event_id, trigger_id=trigger_id, trigger_name=name,
                         offer_id=offer_id, affiliate_id=affiliate_id, previous_status=previous, status=status,
-                        value=value, threshold=threshold, measured_at=MEASURED_AT, check_id=check_id)
+                        value=value, threshold=threshold, measured_at=measured_at, check_id=check_id)
 
 
 def envelope_of(event: TriggerEvent) -> Envelope:

@@ -3,11 +3,11 @@
 import sys
 import time
 
-from shared.bus import Consumer
+from shared.rabbitmq import Consumer
 from tests.support import AMQP_URL
 
 
-def handle(envelope):
+def handle(envelope, delivery):
     print(f"holding {envelope.event_id}", flush=True)
     time.sleep(3600)
 

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import Engine, text
 
 from shared import migrate
-from shared.bus import Bus
+from shared.rabbitmq import Bus
 from shared.db import Base, make_engine
 from tests.support import AMQP_URL, PG_ADMIN_URL, ServiceProcess, delete_topology
 

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import pika
 
-from shared.bus import SERVICE_BINDINGS, queue_names
+from shared.rabbitmq import SERVICE_BINDINGS, queue_names
 
 ROOT = Path(__file__).resolve().parent.parent
 AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")

@@ -10,11 +10,11 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import text
 
-from services.action_runner.handler import handle
+from services.action_runner.handler import RUN_LOCK, handle
 from services.action_runner.mailer import Mail, MailRejectedError, MailTransientError, SmtpMailer
 from services.fake_hasoffers.network import FakeOffer
 from services.fake_hasoffers.server import FakeHasOffers
-from shared.bus import RetryableError
+from shared.handling import RetryableError
 from shared.events import (
     OPERATION_EXECUTED,
     InvalidMessageError,
@@ -216,8 +216,7 @@ def test_two_events_completing_the_same_conjunction_fire_the_action_once(world, 
     with world.begin() as conn:
         conn.execute(text("UPDATE trigger_states SET since = :m, measured_at = :m WHERE trigger_id = :t"),
                      {"m": later, "t": TRIGGER_2})
-        third = add_trigger_event(conn, trigger_id=TRIGGER_2, value=800.0, threshold=500.0)
-    third = third.model_copy(update={"measured_at": later})
+        third = add_trigger_event(conn, trigger_id=TRIGGER_2, value=800.0, threshold=500.0, measured_at=later)
     run(world, envelope_of(third), mailer)
     assert [r["trigger_event_id"] for r in runs(world)] == [first.trigger_event_id, third.trigger_event_id]
     assert len(mailer.sent) == 2
@@ -307,11 +306,11 @@ def test_a_run_held_by_a_delivery_that_is_then_lost_is_not_stranded(world, maile
     with pytest.raises(RetryableError):
         run(world, envelope, failing)  # the run exists, still pending after a failed attempt
     [held] = runs(world)
-    with world.connect() as replica_a:  # A is in the middle of it...
-        replica_a.execute(text("SELECT 1 FROM operation_runs WHERE id = :id FOR UPDATE"), {"id": held["id"]})
+    with world.connect() as replica_a:  # A is in the middle of it (it holds the run's claim)...
+        replica_a.execute(text("SELECT pg_advisory_lock(:ns, :id)"), {"ns": RUN_LOCK, "id": held["id"]})
         with pytest.raises(RetryableError, match=f"run {held['id']} is being handled by another delivery"):
             run(world, envelope, mailer)  # B does not ack
-        replica_a.rollback()  # ...and A never finishes: it lost its delivery, or died
+        replica_a.execute(text("SELECT pg_advisory_unlock_all()"))  # ...and A never finishes: it died
     result = run(world, envelope, mailer)  # B's delivery comes back
     assert len(mailer.sent) == 1
     assert [(r["status"], r["attempts"]) for r in runs(world)] == [("succeeded", 2)]
@@ -328,14 +327,39 @@ def test_a_crash_after_sending_before_commit_gives_at_most_one_duplicate(world, 
     mailer.after_send = crash
     with pytest.raises(SimulatedCrashError):
         run(world, envelope, mailer)
-    assert [(r["status"], r["attempts"]) for r in runs(world)] == [("pending", 0)]  # rolled back, lock released
+    # The outcome was not committed and the claim died with the "process"; the attempt
+    # was counted before the side effect, so a run that keeps crashing cannot loop.
+    assert [(r["status"], r["attempts"]) for r in runs(world)] == [("pending", 1)]
 
     mailer.after_send = lambda mail: None
     run(world, envelope, mailer)  # the redelivery
     run(world, envelope, mailer)
     assert len(mailer.sent) == 2  # the crash cost one duplicate, and only one
     assert mailer.sent[0].message_id == mailer.sent[1].message_id
-    assert [(r["status"], r["attempts"]) for r in runs(world)] == [("succeeded", 1)]
+    assert [(r["status"], r["attempts"]) for r in runs(world)] == [("succeeded", 2)]
+
+
+def test_a_run_that_crashes_its_process_at_every_attempt_gives_up(world, mailer):
+    """kpi_retry_limit=2: three attempts begin and none finishes; the fourth gives up
+    without sending, and the event goes to the dead queue."""
+    one_action(world, "email_administrators")
+    envelope = envelope_of(new_trigger_event(world))
+
+    def crash(mail: Mail) -> None:
+        raise SimulatedCrashError()
+
+    mailer.after_send = crash
+    for _ in range(3):
+        with pytest.raises(SimulatedCrashError):
+            run(world, envelope, mailer)
+    result = run(world, envelope, mailer)
+    assert len(mailer.sent) == 3
+    [failed] = runs(world)
+    assert (failed["status"], failed["attempts"]) == ("failed", 4)
+    assert "gave up after 3 attempts: each was interrupted" in failed["detail"]
+    [dead] = result.dead_letters
+    assert "each was interrupted" in dead.reason
+    assert [parse_data(n).outcome for n in result.notices] == ["failed"]
 
 
 # -- failures -------------------------------------------------------------------------------

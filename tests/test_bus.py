@@ -8,10 +8,8 @@ from datetime import datetime, timezone
 
 import pytest
 
-from shared.bus import (
-    H_HISTORY, H_REASON, H_RETRIES, Bus, Consumer, HandlerResult, PublishError, RetryableError,
-    queue_names, read_dead_letters, replay_dead_letters,
-)
+from shared.handling import HandlerResult, RetryableError
+from shared.rabbitmq import H_HISTORY, H_REASON, H_RETRIES, Bus, Consumer, PublishError, queue_names, read_dead_letters, replay_dead_letters
 from shared.events import METRIC_LOADED, new_event
 from tests.support import AMQP_URL, ServiceProcess, drain, queue_depth, wait_for
 
@@ -51,7 +49,7 @@ def test_topology_names_derive_from_the_exchange(bus, exchange):
 def test_published_message_is_consumed_and_acked_once(bus, exchange):
     seen = []
     event = metric_event()
-    with running(make_consumer(exchange, lambda e: seen.append(e.event_id))) as consumer:
+    with running(make_consumer(exchange, lambda e, d: seen.append(e.event_id))) as consumer:
         bus.publish(event)
         wait_for(lambda: consumer.stats.handled == 1, what="the message to be handled")
     assert seen == [event.event_id]
@@ -91,7 +89,7 @@ def test_a_consumer_killed_before_its_ack_gets_the_message_again(bus, exchange, 
     wait_for(lambda: queue_depth(names.work) == 1, what="the message to return to the queue")
 
     seen = []
-    with running(make_consumer(exchange, lambda e: seen.append(e.event_id))) as consumer:
+    with running(make_consumer(exchange, lambda e, d: seen.append(e.event_id))) as consumer:
         wait_for(lambda: consumer.stats.handled == 1)
     assert seen == [event.event_id]
 
@@ -115,7 +113,7 @@ def test_invalid_messages_go_to_the_dead_queue_with_a_reason(bus, exchange, body
 
     handled = []
 
-    def handler(envelope):
+    def handler(envelope, delivery):
         parse_data(envelope)
         handled.append(envelope.event_id)
 
@@ -135,7 +133,7 @@ def test_invalid_messages_go_to_the_dead_queue_with_a_reason(bus, exchange, body
 def test_retryable_error_is_retried_then_dead_lettered_with_history(bus, exchange):
     attempts = []
 
-    def handler(envelope):
+    def handler(envelope, delivery):
         attempts.append(envelope.event_id)
         raise RetryableError(f"database down (attempt {len(attempts)})")
 
@@ -156,7 +154,7 @@ def test_retryable_error_is_retried_then_dead_lettered_with_history(bus, exchang
 def test_a_retry_that_succeeds_is_handled_once(bus, exchange):
     attempts = []
 
-    def handler(envelope):
+    def handler(envelope, delivery):
         attempts.append(envelope.event_id)
         if len(attempts) < 3:
             raise RetryableError("flaky")
@@ -173,7 +171,7 @@ def test_dead_letters_can_be_replayed(bus, exchange):
     fail = [True]
     handled = []
 
-    def handler(envelope):
+    def handler(envelope, delivery):
         if fail[0]:
             raise RetryableError("down")
         handled.append(envelope.event_id)
@@ -193,7 +191,7 @@ def test_handler_outputs_are_published_before_the_ack(bus, exchange):
     """Outputs go out with confirms; an unroutable output is retried, never silently dropped."""
     out = new_event("trigger.checked", {"checks": []})
 
-    def handler(envelope):
+    def handler(envelope, delivery):
         return HandlerResult(events=[out])
 
     with running(make_consumer(exchange, handler, retry_limit=0)):
@@ -207,7 +205,7 @@ def test_after_publish_runs_once_the_outputs_are_confirmed(bus, exchange):
     out = new_event("trigger.checked", {"checks": []})
     seen = []
 
-    def handler(envelope):
+    def handler(envelope, delivery):
         def published():
             # the output is already on its queue when the hook runs
             seen.append(queue_depth(queue_names(exchange, "event_detector").work))
@@ -222,7 +220,7 @@ def test_after_publish_runs_once_the_outputs_are_confirmed(bus, exchange):
 def test_stop_hands_back_what_it_holds_instead_of_draining_the_queue(bus, exchange):
     handled = []
 
-    def handler(envelope):
+    def handler(envelope, delivery):
         handled.append(envelope.event_id)
         consumer.stop()
 

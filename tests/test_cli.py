@@ -8,7 +8,7 @@ import uuid
 
 from sqlalchemy import text
 
-from shared.bus import queue_names
+from shared.rabbitmq import queue_names
 from shared.events import METRIC_LOADED
 from tests.conftest import create_database, drop_database
 from tests.support import ROOT, drain, queue_depth, wait_for

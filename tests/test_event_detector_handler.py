@@ -24,8 +24,8 @@ def run_scenario(db):
     """Both handlers in a row, batch after batch, as one replica of each would."""
     published = []
     for batch in BATCHES:
-        for checked in handle_metric_loaded(metric_loaded(batch), db).events:
-            published += handle_trigger_checked(checked, db).events
+        for checked in handle_metric_loaded(metric_loaded(batch), engine=db).events:
+            published += handle_trigger_checked(checked, engine=db).events
     return published
 
 
@@ -37,7 +37,7 @@ def handle_concurrently(db, batches, threads=8) -> list[Exception]:
     def work(share):
         try:
             for batch in share:
-                handle_trigger_checked(checked_message(batch), db)
+                handle_trigger_checked(checked_message(batch), engine=db)
         except Exception as exc:  # noqa: BLE001 - returned to the test
             errors.append(exc)
 
@@ -85,10 +85,10 @@ def test_the_state_row_carries_the_latest_check(db):
 
 def test_redelivery_changes_nothing_and_publishes_the_recorded_events_again(db):
     seed(db)
-    checked = handle_metric_loaded(metric_loaded(BATCHES[0], correlation_id="run-3"), db).events[0]
-    first = handle_trigger_checked(checked, db)
+    checked = handle_metric_loaded(metric_loaded(BATCHES[0], correlation_id="run-3"), engine=db).events[0]
+    first = handle_trigger_checked(checked, engine=db)
     states, events = actual_states(db), actual_events(db)
-    again = handle_trigger_checked(parse_envelope(encode(checked)), db)
+    again = handle_trigger_checked(parse_envelope(encode(checked)), engine=db)
     assert (actual_states(db), actual_events(db)) == (states, events)
     assert [(e.event_id, e.type, e.data) for e in again.events] == [(e.event_id, e.type, e.data) for e in first.events]
     assert {e.causation_id for e in again.events} == {str(checked.event_id)}
@@ -98,10 +98,10 @@ def test_redelivery_changes_nothing_and_publishes_the_recorded_events_again(db):
 def test_one_message_with_several_checks_of_a_pair_applies_them_in_measured_at_order(db):
     seed(db)
     items = [("cr", 101, 1, h, v) for h, v in [(0, 0.04), (1, 0.02), (2, 0.01), (3, 0.03), (4, 0.001)]]
-    handle_metric_loaded(metric_loaded(items), db)
+    handle_metric_loaded(metric_loaded(items), engine=db)
     min_cr = check_items(db, "t.name = 'min CR'")
     random.Random(4).shuffle(min_cr)
-    result = handle_trigger_checked(checked_message(min_cr), db)
+    result = handle_trigger_checked(checked_message(min_cr), engine=db)
     assert [(e.data["previous_status"], e.data["status"]) for e in result.events] == [
         ("OK", "PROBLEM"), ("PROBLEM", "OK"), ("OK", "PROBLEM")]
     assert actual_states(db)["min CR", 101, 1] == {"status": "PROBLEM", "since": 4, "hour": 4}
@@ -109,12 +109,12 @@ def test_one_message_with_several_checks_of_a_pair_applies_them_in_measured_at_o
 
 def test_unknown_checks_are_dead_lettered_and_the_known_ones_processed(db):
     seed(db)
-    handle_metric_loaded(metric_loaded([("cr", 103, 9, 0, 0.01)]), db)
+    handle_metric_loaded(metric_loaded([("cr", 103, 9, 0, 0.01)]), engine=db)
     [known] = check_items(db)
     unknown = {**known, "check_id": known["check_id"] + 1000}
     bad = {**known, "status": "MAYBE"}
     envelope = checked_message([unknown, known, bad])
-    result = handle_trigger_checked(envelope, db)
+    result = handle_trigger_checked(envelope, engine=db)
     assert [e.data["check_id"] for e in result.events] == [known["check_id"]]
     [dead] = result.dead_letters
     assert json.loads(dead.body)["data"]["checks"] == [unknown, bad]
@@ -122,14 +122,14 @@ def test_unknown_checks_are_dead_lettered_and_the_known_ones_processed(db):
     assert dead.reason.startswith(f"data.checks.0.check_id: no trigger check {unknown['check_id']}")
     assert "data.checks.2.status:" in dead.reason
     with pytest.raises(InvalidMessageError, match="every item"):
-        handle_trigger_checked(checked_message([unknown]), db)
+        handle_trigger_checked(checked_message([unknown]), engine=db)
 
 
 def test_concurrent_handlers_on_the_same_pairs_record_each_change_once(db):
     """Eight threads, each with its own connection, handle overlapping batches at once."""
     seed(db)
     values = [("cr", 103, a, h, 0.01 if (h + a) % 3 else 0.09) for a in range(20, 40) for h in range(4)]
-    handle_metric_loaded(metric_loaded(values), db)
+    handle_metric_loaded(metric_loaded(values), engine=db)
     items = check_items(db)
     by_pair: dict = {}
     for item in items:
@@ -157,7 +157,7 @@ def test_concurrent_handlers_with_partial_batches_keep_a_consistent_history(db):
     seed(db)
     rng = random.Random(5)
     values = [("cr", 103, a, h, rng.choice([0.01, 0.09])) for a in range(20, 26) for h in range(16)]
-    handle_metric_loaded(metric_loaded(values), db)
+    handle_metric_loaded(metric_loaded(values), engine=db)
     items = check_items(db, "t.name = 'min CR'")
     batches = [rng.sample(items, rng.randint(1, 24)) for _ in range(300)] + [[i] for i in items]
     rng.shuffle(batches)

@@ -16,7 +16,7 @@ from sqlalchemy import text
 
 from services.fake_hasoffers.network import Network, generate
 from services.fake_hasoffers.server import FakeHasOffers
-from shared.bus import queue_names
+from shared.rabbitmq import queue_names
 from shared.events import METRIC_KEYS, METRIC_LOAD_REQUESTED, MetricLoadRequested, new_event
 from tests.support import drain, queue_depth, wait_for
 

@@ -13,7 +13,7 @@ from services.metric_loader import metrics
 from services.metric_loader.handler import LoaderConfig, handle
 from services.metric_loader.metrics import OfferSettings, Totals
 from services.metric_loader.schedule import Schedule
-from shared.bus import HandlerResult
+from shared.handling import HandlerResult
 from shared.events import (
     METRIC_KEYS, METRIC_LOAD_REQUESTED, REFERENCE, MetricLoaded, MetricLoadRequested, encode, new_event, parse_data, parse_envelope,
 )

@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 import pytest
 from sqlalchemy import text
 
-from shared.bus import queue_names
+from shared.rabbitmq import queue_names
 from shared.events import METRIC_LOADED, new_event
 from shared.service import EXIT_BROKER_UNAVAILABLE, EXIT_DATABASE_UNAVAILABLE
 from tests.support import ROOT, queue_depth, wait_for

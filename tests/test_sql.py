@@ -6,7 +6,7 @@ import pytest
 from sqlalchemy import BigInteger, Boolean, DateTime, Double, Text, func, select, text
 from sqlalchemy.exc import IntegrityError
 
-from shared.bus import RetryableError
+from shared.handling import RetryableError
 from shared.sql import array, transaction, unnest
 
 

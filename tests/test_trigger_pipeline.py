@@ -11,7 +11,7 @@ from collections import Counter
 from sqlalchemy import text
 
 from services.trigger_checker.handler import handle_metric_loaded
-from shared.bus import queue_names, read_dead_letters
+from shared.rabbitmq import queue_names, read_dead_letters
 from shared.events import new_event
 from tests.support import drain, queue_depth, wait_for
 from tests.trigger_scenario import (
@@ -71,7 +71,7 @@ def test_three_event_detector_replicas_with_shuffled_duplicated_deliveries(db, b
     on which replica takes which message, in which order, or how often."""
     seed(db)
     for batch in BATCHES:
-        handle_metric_loaded(metric_loaded(batch), db)
+        handle_metric_loaded(metric_loaded(batch), engine=db)
     by_pair: dict = {}
     for item in check_items(db):
         by_pair.setdefault((item["trigger_id"], item["offer_id"], item["affiliate_id"]), []).append(item)
@@ -106,7 +106,7 @@ def test_three_event_detector_replicas_with_checks_one_by_one_in_any_order(db, b
     seed(db)
     rng = random.Random(3)
     handle_metric_loaded(metric_loaded(
-        [("cr", 103, a, h, rng.choice([0.01, 0.09])) for a in range(20, 28) for h in range(10)]), db)
+        [("cr", 103, a, h, rng.choice([0.01, 0.09])) for a in range(20, 28) for h in range(10)]), engine=db)
     items = check_items(db, "t.name = 'min CR'")
     messages = [checked_message([item]) for item in items]
     messages += rng.sample(messages, len(messages) // 2)  # half of them delivered twice

@@ -6,20 +6,24 @@ Exactly once, step by step (DESIGN.md section 4, "Action"):
    no operation_runs yet, decide which actions fire and insert one `pending` run per
    (event, action, operation), ON CONFLICT DO NOTHING. A redelivery finds the runs and
    keeps that decision instead of re-reading trigger_states, which may have moved on.
-2. Per run still `pending`, in its own transaction: lock the row (FOR UPDATE SKIP LOCKED),
-   do the side effect, write the outcome, commit. The lock is what keeps two replicas
-   holding the same event from both sending: the second skips a run the first is working
-   on. It does not ack its delivery then, but sends it through the retry queue until the
-   run is final. The first may lose its own delivery (its broker connection dropped
-   meanwhile, or it died and its lock outlived it by a moment) and could neither
-   announce the run nor try it again. A run that is not `pending` is never done again.
+2. Per run still `pending`: claim it with a session advisory lock (pg_try_advisory_lock,
+   released when the process or its connection dies), count the attempt and commit, do
+   the side effect, write the outcome, commit, release. The lock is what keeps two
+   replicas holding the same event from both sending: the second skips a run the first
+   is working on. It does not ack its delivery then, but sends it through the retry
+   queue until the run is final. The first may lose its own delivery (its broker
+   connection dropped meanwhile, or it died and its lock outlived it by a moment) and
+   could neither announce the run nor try it again. A run that is not `pending` is
+   never done again, and a run whose attempts all began and never finished (a crash each
+   time) gives up after KPI_RETRY_LIMIT + 1 of them.
 3. Publish an operation.executed notice (deterministic event id) for every final run of
    the event, on every delivery: a crash between commit and publish loses none.
 
 The window that remains: the side effect happened (the SMTP server accepted the mail, the
 API call returned) but the process died, or the database went away, before step 2
 committed. The run is still `pending` and the lock died with the connection, so the
-redelivered event does it again: at most one duplicate per such crash. A mail sent again
+redelivered event does it again: at most one duplicate per such crash, and at most
+KPI_RETRY_LIMIT of them in all. A mail sent again
 carries the same Message-ID; the HasOffers calls are harmless to repeat.
 """
 
@@ -30,12 +34,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 from sqlalchemy import Connection, Engine, Select, and_, exists, func, literal, or_, select, text, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import aliased
 
 from services.action_runner.mailer import Mailer
 from services.action_runner.operations import EventFacts, OfferInfo, Outcome, RunSpec, perform
-from shared.bus import DeadLetter, HandlerResult, RetryableError
+from shared.handling import DeadLetter, Delivery, HandlerResult, RetryableError
 from shared.db import (
     Action,
     ActionCondition,
@@ -45,6 +50,7 @@ from shared.db import (
     Operation,
     OperationRun,
     Trigger,
+    TriggerCheck,
     TriggerState,
 )
 from shared.db import TriggerEvent as TriggerEventRow
@@ -78,12 +84,13 @@ class RunResult:
     reason: str = ""
 
 
-def handle(envelope: Envelope, *, engine: Engine, mailer: Mailer, hasoffers: HasOffersClient | None,
-           settings: Settings) -> HandlerResult:
-    event = _validate(envelope)
+def handle(envelope: Envelope, delivery: Delivery | None = None, *, engine: Engine, mailer: Mailer,
+           hasoffers: HasOffersClient | None, settings: Settings) -> HandlerResult:
+    message = _validate(envelope)
+    delivery = delivery or Delivery(max_attempts=settings.kpi_retry_limit + 1)
     event_id = str(envelope.event_id)
     with engine.begin() as conn:
-        _check_trigger_event_row(conn, event)
+        event = recorded_event(conn, message)
         runs = _ensure_runs(conn, event)
         facts = _facts(conn, event_id, event)
     logger.info("event_id=%s trigger_event %d: %d operation run(s)", event_id, event.trigger_event_id, len(runs))
@@ -93,7 +100,7 @@ def handle(envelope: Envelope, *, engine: Engine, mailer: Mailer, hasoffers: Has
     for run_id, status in runs:
         if status != "pending":
             continue
-        result = _run_once(engine, run_id, facts, mailer=mailer, hasoffers=hasoffers, settings=settings)
+        result = _run_once(engine, run_id, facts, delivery, mailer=mailer, hasoffers=hasoffers, settings=settings)
         if result.kind in ("retry", "busy"):
             retry.append(result.reason)
         elif result.kind == "gave_up":
@@ -120,22 +127,41 @@ def _validate(envelope: Envelope) -> TriggerEvent:
     return event
 
 
-def _check_trigger_event_row(conn: Connection, event: TriggerEvent) -> None:
-    """operation_runs references trigger_events: without the row no run can be recorded,
-    and a row that says otherwise than the message means the message is not ours."""
+def recorded_event(conn: Connection, message: TriggerEvent) -> TriggerEvent:
+    """The trigger event as trigger_events recorded it: the message only names it.
+
+    Anyone who can publish can send a trigger.event.*; what goes into an email or a
+    reject note (trigger name, value, threshold, statuses, time) is read from the
+    database, as the event_detector reads checks. operation_runs references
+    trigger_events, so without the row no run can be recorded; a row that names another
+    pair or status than the message means the message is not ours.
+    """
+    e, c = TriggerEventRow, TriggerCheck
     row = conn.execute(
-        select(TriggerEventRow.trigger_id, TriggerEventRow.offer_id, TriggerEventRow.affiliate_id,
-               TriggerEventRow.status).where(TriggerEventRow.id == event.trigger_event_id)
+        select(e.trigger_id, e.offer_id, e.affiliate_id, e.status, e.previous_status, Trigger.name,
+               func.coalesce(e.value, c.value).label("value"), func.coalesce(e.threshold, c.threshold).label("threshold"),
+               e.measured_at, e.check_id)
+        .join(Trigger, Trigger.id == e.trigger_id)
+        .outerjoin(c, c.id == e.check_id)
+        .where(e.id == message.trigger_event_id)
     ).first()
     if row is None:
-        raise InvalidMessageError(f"trigger_event {event.trigger_event_id} does not exist in trigger_events")
-    expected = (event.trigger_id, event.offer_id, event.affiliate_id, event.status)
-    if tuple(row) != expected:
+        raise InvalidMessageError(f"trigger_event {message.trigger_event_id} does not exist in trigger_events")
+    expected = (message.trigger_id, message.offer_id, message.affiliate_id, message.status)
+    if (row.trigger_id, row.offer_id, row.affiliate_id, row.status) != expected:
         raise InvalidMessageError(
-            f"trigger_event {event.trigger_event_id} is (trigger {row[0]}, offer {row[1]}, affiliate {row[2]}, "
-            f"{row[3]}) in trigger_events, but the message says (trigger {expected[0]}, offer {expected[1]}, "
-            f"affiliate {expected[2]}, {expected[3]})"
+            f"trigger_event {message.trigger_event_id} is (trigger {row.trigger_id}, offer {row.offer_id}, "
+            f"affiliate {row.affiliate_id}, {row.status}) in trigger_events, but the message says (trigger "
+            f"{expected[0]}, offer {expected[1]}, affiliate {expected[2]}, {expected[3]})"
         )
+    # Built without validation: these are our own rows (value may be NULL in rows older
+    # than migration 0002 whose check is gone).
+    return TriggerEvent.model_construct(
+        trigger_event_id=message.trigger_event_id, trigger_id=row.trigger_id, trigger_name=row.name,
+        offer_id=row.offer_id, affiliate_id=row.affiliate_id, previous_status=row.previous_status,
+        status=row.status, value=row.value, threshold=row.threshold, measured_at=row.measured_at,
+        check_id=row.check_id,
+    )
 
 
 def firing_actions(event: TriggerEvent) -> Select[tuple[int]]:
@@ -245,64 +271,105 @@ def _facts(conn: Connection, event_id: str, event: TriggerEvent) -> EventFacts:
                       offer=OfferInfo(name=offer.name, require_approval=offer.require_approval) if offer else None)
 
 
-def _run_once(engine: Engine, run_id: int, facts: EventFacts, *, mailer: Mailer,
+# First key of the session advisory locks that claim operation runs (the second is the run id).
+RUN_LOCK = 0x6B7069  # "kpi"
+
+
+def _run_once(engine: Engine, run_id: int, facts: EventFacts, delivery: Delivery, *, mailer: Mailer,
               hasoffers: HasOffersClient | None, settings: Settings) -> RunResult:
-    """Claim the run, do its side effect, commit the outcome: all under the row lock."""
-    with engine.begin() as conn:
-        row = conn.execute(
-            select(OperationRun.id, OperationRun.trigger_event_id, OperationRun.action_id, OperationRun.operation_id,
-                   OperationRun.kind, OperationRun.attempts, Operation.subject, Operation.body)
-            .join(Operation, Operation.id == OperationRun.operation_id)
-            .where(OperationRun.id == run_id, OperationRun.status == "pending")
-            .with_for_update(of=OperationRun, skip_locked=True)
-        ).first()
-        if row is None:
-            status = conn.execute(select(OperationRun.status).where(OperationRun.id == run_id)).scalar_one()
-            if status != "pending":
-                return RunResult("final")  # finished elsewhere since we listed the runs
+    """Claim the run, count the attempt, do its side effect, commit the outcome.
+
+    The claim is a session advisory lock on the run: held from before the side effect
+    until after its outcome is committed, and released by PostgreSQL when the process or
+    its connection dies. Unlike a row lock it survives the commit that counts the
+    attempt before the side effect, so an attempt that ends in a crash still counts and
+    a run that keeps crashing its process gives up after KPI_RETRY_LIMIT + 1 attempts.
+    """
+    with engine.connect() as conn:
+        if not conn.execute(select(func.pg_try_advisory_lock(RUN_LOCK, run_id))).scalar_one():
+            conn.rollback()
             # Another replica holds it. Its delivery normally finishes it, but that delivery may
             # be gone (a lost broker connection); this one comes back until the run is final.
             logger.info("event_id=%s run %d is being handled elsewhere; will look again", facts.event_id, run_id)
             return RunResult("busy", f"run {run_id} is being handled by another delivery")
-        run = RunSpec(run_id=row.id, trigger_event_id=row.trigger_event_id, action_id=row.action_id,
-                      operation_id=row.operation_id, kind=row.kind, subject=row.subject, body=row.body)
-        if settings.actions_dry_run:
-            _finish(conn, run_id, Outcome("skipped", "dry run"), attempts=row.attempts)
-            logger.info("event_id=%s run %d (%s): dry run, skipped", facts.event_id, run_id, run.kind)
-            return RunResult("final")
-
-        attempt = row.attempts + 1
         try:
+            conn.commit()
+            return _run_claimed(conn, run_id, facts, delivery, mailer=mailer, hasoffers=hasoffers, settings=settings)
+        finally:
+            _release(conn, run_id)
+
+
+def _release(conn: Connection, run_id: int) -> None:
+    try:
+        conn.rollback()
+        conn.execute(select(func.pg_advisory_unlock(RUN_LOCK, run_id)))
+        conn.commit()
+    except DBAPIError:  # the connection is gone, and the lock with it
+        conn.invalidate()
+
+
+def _run_claimed(conn: Connection, run_id: int, facts: EventFacts, delivery: Delivery, *, mailer: Mailer,
+                 hasoffers: HasOffersClient | None, settings: Settings) -> RunResult:
+    with conn.begin():
+        row = conn.execute(
+            update(OperationRun)
+            .where(OperationRun.id == run_id, OperationRun.status == "pending")
+            .values(attempts=OperationRun.attempts + (0 if settings.actions_dry_run else 1),
+                    started_at=func.coalesce(OperationRun.started_at, func.clock_timestamp()))
+            .returning(OperationRun.trigger_event_id, OperationRun.action_id, OperationRun.operation_id,
+                       OperationRun.kind, OperationRun.attempts)
+        ).first()
+        if row is None:
+            return RunResult("final")  # finished elsewhere since we listed the runs
+        subject, body = conn.execute(
+            select(Operation.subject, Operation.body).where(Operation.id == row.operation_id)).one()
+    run = RunSpec(run_id=run_id, trigger_event_id=row.trigger_event_id, action_id=row.action_id,
+                  operation_id=row.operation_id, kind=row.kind, subject=subject, body=body)
+    attempt = delivery.at_attempt(row.attempts)
+    if settings.actions_dry_run:
+        with conn.begin():
+            _finish(conn, run_id, Outcome("skipped", "dry run"))
+        logger.info("event_id=%s run %d (%s): dry run, skipped", facts.event_id, run_id, run.kind)
+        return RunResult("final")
+    if attempt.exhausted:
+        # Every allowed attempt began and none finished: the process died, or lost the
+        # database, in the middle each time. Trying again would only do it again.
+        detail = (f"gave up after {attempt.attempt - 1} attempts: each was interrupted before its outcome "
+                  f"was recorded (the side effect may have happened)")
+        with conn.begin():
+            _finish(conn, run_id, Outcome("failed", detail), last_error=detail)
+        logger.error("event_id=%s run %d (%s) failed: %s", facts.event_id, run_id, run.kind, detail)
+        return RunResult("gave_up", f"run {run_id} ({run.kind}) {detail}")
+
+    try:
+        with conn.begin():
             outcome = perform(conn, run, facts, mailer=mailer, hasoffers=hasoffers,
                               mail_domain=_domain(settings.mail_from))
-        except RetryableError as exc:
-            error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR]
-            # attempts counts deliveries that tried this run; the bus delivers a message at
-            # most retry_limit + 1 times, so this is the last chance: record the failure
+    except RetryableError as exc:
+        error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR]
+        if attempt.is_last:
+            # The bus would dead-letter the event after this attempt: record the failure
             # here, where the run is known, instead of leaving it pending in the dead queue.
-            if attempt >= settings.kpi_retry_limit + 1:
-                detail = f"gave up after {attempt} attempts: {error}"[:MAX_ERROR]
-                _finish(conn, run_id, Outcome("failed", detail), attempts=attempt, last_error=error)
-                logger.error("event_id=%s run %d (%s) failed: %s", facts.event_id, run_id, run.kind, detail)
-                return RunResult("gave_up", f"run {run_id} ({run.kind}) {detail}")
-            conn.execute(
-                update(OperationRun).where(OperationRun.id == run_id)
-                .values(attempts=attempt, last_error=error,
-                        started_at=func.coalesce(OperationRun.started_at, func.clock_timestamp()))
-            )
-            logger.warning("event_id=%s run %d (%s) attempt %d failed, will retry: %s",
-                           facts.event_id, run_id, run.kind, attempt, error)
-            return RunResult("retry", f"run {run_id} ({run.kind}): {error}")
+            detail = f"gave up after {attempt.attempt} attempts: {error}"[:MAX_ERROR]
+            with conn.begin():
+                _finish(conn, run_id, Outcome("failed", detail), last_error=error)
+            logger.error("event_id=%s run %d (%s) failed: %s", facts.event_id, run_id, run.kind, detail)
+            return RunResult("gave_up", f"run {run_id} ({run.kind}) {detail}")
+        with conn.begin():
+            conn.execute(update(OperationRun).where(OperationRun.id == run_id).values(last_error=error))
+        logger.warning("event_id=%s run %d (%s) attempt %d failed, will retry: %s",
+                       facts.event_id, run_id, run.kind, attempt.attempt, error)
+        return RunResult("retry", f"run {run_id} ({run.kind}): {error}")
 
-        _finish(conn, run_id, outcome, attempts=attempt,
-                last_error=outcome.detail[:MAX_ERROR] if outcome.status == "failed" else None)
-        log = logger.warning if outcome.status == "failed" else logger.info
-        log("event_id=%s run %d (%s) %s: %s", facts.event_id, run_id, run.kind, outcome.status, outcome.detail)
-        return RunResult("final")
+    with conn.begin():
+        _finish(conn, run_id, outcome, last_error=outcome.detail[:MAX_ERROR] if outcome.status == "failed" else None)
+    log = logger.warning if outcome.status == "failed" else logger.info
+    log("event_id=%s run %d (%s) %s: %s", facts.event_id, run_id, run.kind, outcome.status, outcome.detail)
+    return RunResult("final")
 
 
-def _finish(conn: Connection, run_id: int, outcome: Outcome, *, attempts: int, last_error: str | None = None) -> None:
-    values = {"status": outcome.status, "detail": outcome.detail[:MAX_ERROR], "attempts": attempts,
+def _finish(conn: Connection, run_id: int, outcome: Outcome, *, last_error: str | None = None) -> None:
+    values = {"status": outcome.status, "detail": outcome.detail[:MAX_ERROR],
               "started_at": func.coalesce(OperationRun.started_at, func.clock_timestamp()),
               "finished_at": func.clock_timestamp()}
     if last_error is not None:

@@ -16,7 +16,7 @@ from email.message import EmailMessage
 from email.utils import formatdate
 from typing import Protocol
 
-from shared.bus import RetryableError
+from shared.handling import RetryableError
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from sqlalchemy import Connection, func, select
 
 from services.action_runner.mailer import Mail, Mailer, MailRejectedError, clean_recipients
-from services.action_runner.templates import MacroValues, html_to_text, render_html, render_subject
+from services.action_runner.templates import MacroValues, format_number, html_to_text, render_html, render_subject
 from shared.db import Administrator, Affiliate, AffiliateUser, Employee
 from shared.events import TriggerEvent, stable_event_id
 from shared.hasoffers import HasOffersClient, HasOffersError
@@ -164,7 +164,7 @@ def reject(hasoffers: HasOffersClient, facts: EventFacts) -> Outcome:
             return Outcome("failed", f"offer {e.offer_id} is unknown locally and to HasOffers")
         require_approval = _flag(_offer_field(record, "require_approval"))
     if require_approval:
-        notes = f"hasoffers-kpi: trigger {e.trigger_name} is {e.status} ({facts.metric} = {e.value:g})"
+        notes = f"hasoffers-kpi: trigger {e.trigger_name} is {e.status} ({facts.metric} = {format_number(e.value)})"
         hasoffers.set_affiliate_approval(e.offer_id, e.affiliate_id, "rejected", notes=notes)
         return Outcome("succeeded", f"Offer.setAffiliateApproval rejected (offer {e.offer_id}, "
                                     f"affiliate {e.affiliate_id}; the offer requires approval)")

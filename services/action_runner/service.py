@@ -7,13 +7,14 @@ import logging
 
 from services.action_runner.handler import handle
 from services.action_runner.mailer import SmtpMailer
-from shared.bus import Handler
+from shared.handling import Handler
 from shared.hasoffers import HasOffersClient
 from shared.service import Context, run_service
 
 logger = logging.getLogger(__name__)
 
 SERVICE = "action_runner"
+CONSUMES = "trigger.event.*"
 
 
 def main() -> int:
@@ -37,7 +38,7 @@ def main() -> int:
                                  settings=settings)
 
     try:
-        return run_service(SERVICE, make_handler)
+        return run_service(SERVICE, CONSUMES, make_handler)
     finally:
         for client in clients:
             client.close()

@@ -55,8 +55,8 @@ class MacroValues:
 
     trigger_name: str
     metric: str
-    value: float
-    threshold: float
+    value: float | None  # None: an event recorded before values were kept with it
+    threshold: float | None
     status: str
     previous_status: str | None
     offer_id: int
@@ -79,7 +79,9 @@ class MacroValues:
         }
 
 
-def format_number(value: float) -> str:
+def format_number(value: float | None) -> str:
+    if value is None:
+        return "n/a"
     # 10 significant digits: 0.1 + 0.2 shows as 0.3, and money keeps its cents.
     return format(value, ".10g")
 

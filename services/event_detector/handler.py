@@ -22,7 +22,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.engine import Connection, Engine
 
 from shared.batch import split_batch
-from shared.bus import HandlerResult
+from shared.handling import Delivery, HandlerResult
 from shared.db import TZ, Trigger, TriggerCheck, TriggerState
 from shared.db import TriggerEvent as TriggerEventRow
 from shared.events import (
@@ -47,7 +47,7 @@ trigger_events = TriggerEventRow.__table__
 triggers = Trigger.__table__
 
 
-def handle_trigger_checked(envelope: Envelope, engine: Engine) -> HandlerResult:
+def handle_trigger_checked(envelope: Envelope, delivery: Delivery | None = None, *, engine: Engine) -> HandlerResult:
     batch = split_batch(envelope, "checks", CheckItem, MAX_CHECKS)
     with transaction(engine) as conn:
         checks = _load_checks(conn, sorted({item.check_id for item in batch.valid.values()}))

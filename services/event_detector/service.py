@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from functools import partial
 
-from shared.bus import Handler
+from shared.handling import Handler
 from shared.service import Context, run_service
 from services.event_detector.handler import handle_trigger_checked
 
 SERVICE = "event_detector"
+CONSUMES = "trigger.checked"
 
 
 def make_handler(context: Context) -> Handler:
@@ -16,4 +17,4 @@ def make_handler(context: Context) -> Handler:
 
 
 def main() -> int:
-    return run_service(SERVICE, make_handler)
+    return run_service(SERVICE, CONSUMES, make_handler)

@@ -20,11 +20,11 @@ from sqlalchemy import Engine, text
 
 from services.metric_loader import metrics, reference, runs
 from services.metric_loader.metrics import OfferSettings, Totals
-from shared.bus import HandlerResult
 from shared.events import (
-    MAX_BATCH, METRIC_LOADED, REFERENCE, Envelope, MetricLoaded, MetricLoadRequested, new_event,
+    MAX_BATCH, METRIC_LOADED, REFERENCE, Envelope, MetricLoaded, MetricLoadRequested, encode, new_event,
     parse_data, stable_event_id,
 )
+from shared.handling import DeadLetter, Delivery, HandlerResult
 from shared.hasoffers import HasOffersClient, HasOffersError
 
 logger = logging.getLogger(__name__)
@@ -38,36 +38,44 @@ class LoaderConfig:
     min_clicks: int = 0
     min_conversions: int = 0
     page_size: int = 10000
-    retry_limit: int = 5  # the consumer's KPI_RETRY_LIMIT: the run fails with the request
 
     @classmethod
     def from_settings(cls, settings: Any) -> LoaderConfig:
         return cls(click_cost=settings.kpi_click_cost, min_clicks=settings.kpi_min_clicks,
-                   min_conversions=settings.kpi_min_conversions, page_size=settings.kpi_report_page_size,
-                   retry_limit=settings.kpi_retry_limit)
+                   min_conversions=settings.kpi_min_conversions, page_size=settings.kpi_report_page_size)
 
 
 class NotConfiguredError(HasOffersError):
     """No HasOffers credentials: every load fails with this reason."""
 
 
-def handle(envelope: Envelope, *, engine: Engine, client: HasOffersClient | None, config: LoaderConfig
-           ) -> HandlerResult:
+def handle(envelope: Envelope, delivery: Delivery | None = None, *, engine: Engine,
+           client: HasOffersClient | None, config: LoaderConfig) -> HandlerResult:
     request: MetricLoadRequested = parse_data(envelope)
     event_id = str(envelope.event_id)
     run = runs.open_run(engine, event_id, request.metric_key, request.lookback_hours)
     if run is None:
         logger.info("event_id=%s load of %s already succeeded; nothing to do", event_id, request.metric_key)
         return HandlerResult()
-    logger.info("event_id=%s run_id=%d loading %s (look-back %dh, measured_at %s)", event_id, run.id,
-                run.metric_key, run.lookback_hours, run.measured_at.isoformat())
+    # The run counts the starts the broker cannot see (a crash, a lost connection).
+    delivery = (delivery or Delivery()).at_attempt(run.attempts)
+    if delivery.exhausted:
+        reason = (f"gave up after {delivery.attempt - 1} attempts: every one was interrupted "
+                  f"(the process stopped or lost its connections before the load finished)")
+        logger.error("event_id=%s run_id=%d %s", event_id, run.id, reason)
+        runs.fail(engine, run.id, reason)
+        return HandlerResult(dead_letters=[DeadLetter(encode(envelope), reason)])
+    logger.info("event_id=%s run_id=%d loading %s (look-back %dh, measured_at %s, attempt %d/%d)", event_id,
+                run.id, run.metric_key, run.lookback_hours, run.measured_at.isoformat(), delivery.attempt,
+                delivery.max_attempts)
     rows_read = 0
+    notes: str | None = None
     try:
         if client is None:
             raise NotConfiguredError("HasOffers credentials are not configured "
                                      "(HASOFFERS_NETWORK_ID, HASOFFERS_NETWORK_TOKEN)")
         if run.metric_key == REFERENCE:
-            rows_read = reference.load(client, engine, min(config.page_size, FIND_PAGE_SIZE_MAX))
+            rows_read, notes = reference.load(client, engine, min(config.page_size, FIND_PAGE_SIZE_MAX))
             values: list[tuple[int, int, float]] = []
         else:
             rows_read, values = load_metric(engine, client, config, run.metric_key, run.lookback_hours,
@@ -77,8 +85,15 @@ def handle(envelope: Envelope, *, engine: Engine, client: HasOffersClient | None
         runs.fail(engine, run.id, str(exc), rows_read)
         return HandlerResult()
     except Exception as exc:  # transient (HasOffersUnavailableError, database) or a bug: try again
-        _attempt_failed(engine, run, config.retry_limit, exc, event_id)
-        raise
+        reason = f"{type(exc).__name__}: {exc}"
+        if not delivery.is_last:
+            _record_attempt(engine, run, delivery, reason, event_id)
+            raise
+        # The last attempt: the run fails with the request, which goes to the dead queue.
+        reason = f"gave up after {delivery.attempt} attempts: {reason}"
+        logger.error("event_id=%s run_id=%d failed for good: %s", event_id, run.id, reason)
+        runs.fail(engine, run.id, reason, rows_read)  # raises if the database is what failed: retried
+        return HandlerResult(dead_letters=[DeadLetter(encode(envelope), reason)])
 
     events = metric_events(run.id, event_id, run.metric_key, values, run.measured_at)
     logger.info("event_id=%s run_id=%d %s: %d rows read, %d values in %d messages", event_id, run.id,
@@ -87,21 +102,14 @@ def handle(envelope: Envelope, *, engine: Engine, client: HasOffersClient | None
     def published() -> None:
         # Only once every batch is confirmed: a request redelivered before that finds its
         # run still running and publishes the same batches again.
-        runs.succeed(engine, run.id, rows_read, len(values))
+        runs.succeed(engine, run.id, rows_read, len(values), notes)
 
     return HandlerResult(events=events, after_publish=published)
 
 
-def _attempt_failed(engine: Engine, run: runs.Run, retry_limit: int, exc: Exception, event_id: str) -> None:
-    attempt = run.attempts_failed + 1
-    reason = f"{type(exc).__name__}: {exc}"
+def _record_attempt(engine: Engine, run: runs.Run, delivery: Delivery, reason: str, event_id: str) -> None:
     try:
-        if attempt > retry_limit:  # the consumer dead-letters the request after this attempt
-            runs.fail(engine, run.id, f"gave up after {attempt} attempts: {reason}")
-            logger.error("event_id=%s run_id=%d failed for good after %d attempts: %s", event_id, run.id, attempt,
-                         reason)
-        else:
-            runs.record_attempt(engine, run.id, attempt, retry_limit + 1, reason)
+        runs.record_attempt(engine, run.id, delivery.attempt, delivery.max_attempts, reason)
     except Exception as db_exc:  # the database may be what failed; the retry comes anyway
         logger.warning("event_id=%s run_id=%d could not record the failure: %s", event_id, run.id, db_exc)
 

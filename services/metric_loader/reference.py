@@ -1,7 +1,10 @@
 """The `reference` load: offers, categories, goals, caps, affiliates, users, employees.
 
 Everything is read from the API first and written in one transaction, so a load that
-fails half-way (API down, malformed answer) leaves the tables as they were. Rows are
+fails half-way (API down, an answer that is not the API's envelope) leaves the tables as
+they were. A single record that cannot be stored as it came is a data error of that
+record, not of the load: NUL characters (which PostgreSQL text cannot hold) are removed,
+a record without a readable id is skipped, and the run's notes say so. Rows are
 upserted by id and never deleted (operators may have seeded or referenced them), except
 that an offer's categories and the caps of an offer that was read are replaced by what
 the API says now. Local settings (offers.monitoring, tracked_goal_id, min_clicks,
@@ -12,7 +15,8 @@ never overwritten.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +42,28 @@ class ReferenceData:
     affiliates: dict[int, dict[str, Any]] = field(default_factory=dict)
     users: dict[int, dict[str, Any]] = field(default_factory=dict)
     employees: dict[int, dict[str, Any]] = field(default_factory=dict)
+    cleaned: int = 0  # text fields that had NUL characters removed
+    skipped: list[str] = field(default_factory=list)  # why each unreadable record was left out
+
+    def text(self, value: Any) -> str | None:
+        """A text field as PostgreSQL can store it."""
+        if value is None:
+            return None
+        value = str(value)
+        if "\x00" in value:
+            self.cleaned += 1
+            value = value.replace("\x00", "")
+        return value
+
+    def notes(self) -> str | None:
+        parts = []
+        if self.cleaned:
+            parts.append(f"removed NUL characters from {self.cleaned} text field(s)")
+        if self.skipped:
+            shown = "; ".join(self.skipped[:10]) + (f"; and {len(self.skipped) - 10} more" if len(self.skipped) > 10
+                                                     else "")
+            parts.append(f"skipped {len(self.skipped)} unreadable record(s): {shown}")
+        return ". ".join(parts) or None
 
     @property
     def records(self) -> int:
@@ -52,12 +78,15 @@ def _model(record: Mapping[str, Any], model: str) -> Mapping[str, Any]:
     return body
 
 
-def _id(body: Mapping[str, Any], name: str, model: str) -> int:
-    try:
-        value = int(str(body.get(name)))
-    except ValueError:
-        raise HasOffersResponseError(f"{model}: {name} is not a number: {str(body.get(name))[:40]!r}") from None
-    return value
+# Ids are `integer` columns: anything else cannot be stored.
+MAX_ID = 2**31 - 1
+
+
+def _id(body: Mapping[str, Any], name: str, model: str, lowest: int = 1) -> int:
+    raw = str(body.get(name)).strip()
+    if not (raw.isascii() and raw.isdigit() and 0 < len(raw) <= 10 and lowest <= int(raw) <= MAX_ID):
+        raise HasOffersResponseError(f"{model}: {name} is not {'an id' if lowest else 'a count'}: {raw[:40]!r}")
+    return int(raw)
 
 
 def _optional_id(body: Mapping[str, Any], name: str, model: str) -> int | None:
@@ -83,38 +112,55 @@ def _nested(value: Any) -> Iterable[Mapping[str, Any]]:
 def fetch(client: HasOffersClient, engine: Engine, page_size: int) -> ReferenceData:
     data = ReferenceData()
     for record in client.find_all("Offer", {"contain": ["OfferCategory"]}, page_size=page_size):
-        body = _model(record, "Offer")
-        offer_id = _id(body, "id", "Offer")
-        data.offers[offer_id] = {"id": offer_id, "name": body.get("name"), "status": body.get("status"),
-                                 "require_approval": _flag(body.get("require_approval"))}
-        data.offer_categories[offer_id] = set()
-        for category in _nested(record.get("OfferCategory")):
-            category_id = _id(category, "id", "OfferCategory")
-            data.categories[category_id] = category.get("name")
-            data.offer_categories[offer_id].add(category_id)
+        with _record(data, "Offer"):
+            body = _model(record, "Offer")
+            offer_id = _id(body, "id", "Offer")
+            categories = {}
+            for category in _nested(record.get("OfferCategory")):
+                categories[_id(category, "id", "OfferCategory")] = data.text(category.get("name"))
+            data.offers[offer_id] = {"id": offer_id, "name": data.text(body.get("name")),
+                                     "status": data.text(body.get("status")),
+                                     "require_approval": _flag(body.get("require_approval"))}
+            data.categories.update(categories)
+            data.offer_categories[offer_id] = set(categories)
     for record in client.find_all("Goal", page_size=page_size):
-        body = _model(record, "Goal")
-        goal_id = _id(body, "id", "Goal")
-        data.goals[goal_id] = {"id": goal_id, "offer_id": _id(body, "offer_id", "Goal"), "name": body.get("name"),
-                               "status": body.get("status")}
+        with _record(data, "Goal"):
+            body = _model(record, "Goal")
+            goal_id = _id(body, "id", "Goal")
+            data.goals[goal_id] = {"id": goal_id, "offer_id": _id(body, "offer_id", "Goal"),
+                                   "name": data.text(body.get("name")), "status": data.text(body.get("status"))}
     for record in client.find_all("Affiliate", page_size=page_size):
-        body = _model(record, "Affiliate")
-        affiliate_id = _id(body, "id", "Affiliate")
-        data.affiliates[affiliate_id] = {
-            "id": affiliate_id, "company": body.get("company"), "status": body.get("status"),
-            "account_manager_id": _optional_id(body, "account_manager_id", "Affiliate")}
+        with _record(data, "Affiliate"):
+            body = _model(record, "Affiliate")
+            affiliate_id = _id(body, "id", "Affiliate")
+            data.affiliates[affiliate_id] = {
+                "id": affiliate_id, "company": data.text(body.get("company")), "status": data.text(body.get("status")),
+                "account_manager_id": _optional_id(body, "account_manager_id", "Affiliate")}
     for record in client.find_all("AffiliateUser", page_size=page_size):
-        body = _model(record, "AffiliateUser")
-        user_id = _id(body, "id", "AffiliateUser")
-        data.users[user_id] = {"id": user_id, "affiliate_id": _id(body, "affiliate_id", "AffiliateUser"),
-                               "email": body.get("email"), "status": body.get("status")}
+        with _record(data, "AffiliateUser"):
+            body = _model(record, "AffiliateUser")
+            user_id = _id(body, "id", "AffiliateUser")
+            data.users[user_id] = {"id": user_id, "affiliate_id": _id(body, "affiliate_id", "AffiliateUser"),
+                                   "email": data.text(body.get("email")), "status": data.text(body.get("status"))}
     for record in client.find_all("Employee", page_size=page_size):
-        body = _model(record, "Employee")
-        employee_id = _id(body, "id", "Employee")
-        data.employees[employee_id] = {"id": employee_id, "email": body.get("email"), "status": body.get("status")}
+        with _record(data, "Employee"):
+            body = _model(record, "Employee")
+            employee_id = _id(body, "id", "Employee")
+            data.employees[employee_id] = {"id": employee_id, "email": data.text(body.get("email")),
+                                           "status": data.text(body.get("status"))}
     for offer_id in _cap_offers(engine, data.offers.values()):
-        data.caps[offer_id] = _caps(client, offer_id)
+        data.caps[offer_id] = _caps(client, offer_id, data)
     return data
+
+
+@contextmanager
+def _record(data: ReferenceData, model: str) -> Iterator[None]:
+    """One record: if it cannot be read, it is left out and the run says why."""
+    try:
+        yield
+    except HasOffersResponseError as exc:
+        data.skipped.append(str(exc)[:200])
+        logger.warning("reference: %s record skipped: %s", model, str(exc)[:200])
 
 
 def _cap_offers(engine: Engine, offers: Iterable[dict[str, Any]]) -> list[int]:
@@ -124,16 +170,17 @@ def _cap_offers(engine: Engine, offers: Iterable[dict[str, Any]]) -> list[int]:
     return [o["id"] for o in offers if o["status"] == "active" and o["id"] not in off]
 
 
-def _caps(client: HasOffersClient, offer_id: int) -> list[dict[str, int]]:
+def _caps(client: HasOffersClient, offer_id: int, data: ReferenceData) -> list[dict[str, int]]:
     caps: dict[int, int] = {}
     for record in _nested(client.call("Offer", "getConversionCaps", {"id": offer_id})):
-        body = record.get("OfferConversionCap", record)
-        if not isinstance(body, Mapping):
-            raise HasOffersResponseError("Offer.getConversionCaps: a record has no OfferConversionCap object")
-        affiliate_id = _optional_id(body, "affiliate_id", "OfferConversionCap")
-        if affiliate_id is None:  # a cap for the whole offer, not a pair
-            continue
-        caps[affiliate_id] = _id(body, "conversion_cap", "OfferConversionCap")
+        with _record(data, "OfferConversionCap"):
+            body = record.get("OfferConversionCap", record)
+            if not isinstance(body, Mapping):
+                raise HasOffersResponseError("Offer.getConversionCaps: a record has no OfferConversionCap object")
+            affiliate_id = _optional_id(body, "affiliate_id", "OfferConversionCap")
+            if affiliate_id is None:  # a cap for the whole offer, not a pair
+                continue
+            caps[affiliate_id] = _id(body, "conversion_cap", "OfferConversionCap", lowest=0)
     return [{"offer_id": offer_id, "affiliate_id": a, "conversion_cap": c} for a, c in sorted(caps.items())]
 
 
@@ -169,11 +216,11 @@ def _upsert(conn: Connection, model: type, rows: list[dict[str, Any]], columns: 
     conn.execute(stmt, rows)  # executemany: SQLAlchemy batches it into multi-row INSERTs
 
 
-def load(client: HasOffersClient, engine: Engine, page_size: int) -> int:
-    """Refresh the reference tables; returns the number of records read."""
+def load(client: HasOffersClient, engine: Engine, page_size: int) -> tuple[int, str | None]:
+    """Refresh the reference tables; the number of records read, and what was cleaned or skipped."""
     data = fetch(client, engine, page_size)
     store(engine, data)
     logger.info("reference stored: %d offers, %d categories, %d goals, %d caps, %d affiliates, %d users, "
                 "%d employees", len(data.offers), len(data.categories), len(data.goals),
                 sum(len(c) for c in data.caps.values()), len(data.affiliates), len(data.users), len(data.employees))
-    return data.records
+    return data.records, data.notes()

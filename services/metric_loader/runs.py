@@ -5,16 +5,15 @@ retried request continues the same run with the same measured_at. The schedule c
 the run before it publishes the request (see schedule.py); the CLI and other
 publishers let the handler create it.
 
-Transient failures are counted in the run itself, so that the run is marked failed on
-the attempt after which the consumer gives up and dead-letters the request: the
-consumer dead-letters on attempt KPI_RETRY_LIMIT + 1. The count lives in `error` as
-"attempt N/M: reason" because load_runs has no column for it; a run that is started
-again after it failed (a replayed dead letter) starts counting afresh.
+Every start of a run counts in `attempts` (migration 0005), crashes and lost
+connections included, which the broker's retry count cannot see: the handler merges
+the two (Delivery.at_attempt) and gives up after KPI_RETRY_LIMIT + 1 attempts, marking
+the run failed as the request goes to the dead queue. A run that is started again after
+it failed (a replayed dead letter) starts counting afresh.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -23,7 +22,6 @@ from sqlalchemy import Connection, Engine, text
 from shared.events import InvalidMessageError
 
 ERROR_MAX = 2000
-_ATTEMPT = re.compile(r"^attempt (\d+)/\d+: ")
 
 
 @dataclass(frozen=True)
@@ -32,7 +30,7 @@ class Run:
     metric_key: str
     lookback_hours: int
     measured_at: datetime
-    attempts_failed: int  # transient failures so far
+    attempts: int  # starts of this run so far, this one included
 
 
 def open_run(engine: Engine, request_event_id: str, metric_key: str, lookback_hours: int) -> Run | None:
@@ -52,21 +50,21 @@ def open_run(engine: Engine, request_event_id: str, metric_key: str, lookback_ho
         if row.status == "succeeded":
             return None
         # A failed run started again is a deliberate replay: it gets a fresh attempt count.
-        error = None if row.status == "failed" else row.error
-        measured_at = conn.execute(text(
-            "UPDATE load_runs SET status = 'running', error = :error, finished_at = NULL,"
+        replay = row.status == "failed"
+        measured_at, attempts = conn.execute(text(
+            "UPDATE load_runs SET status = 'running', finished_at = NULL,"
+            " error = CASE WHEN :replay THEN NULL ELSE error END,"
+            " attempts = CASE WHEN :replay THEN 1 ELSE attempts + 1 END,"
             " started_at = coalesce(started_at, now()),"
             " measured_at = coalesce(measured_at, date_trunc('second', now()))"
-            " WHERE id = :id RETURNING measured_at"), {"id": row.id, "error": error}).scalar_one()
-    match = _ATTEMPT.match(error or "")
+            " WHERE id = :id RETURNING measured_at, attempts"), {"id": row.id, "replay": replay}).one()
     # UTC whatever the session's time zone: it is published as is.
-    return Run(row.id, metric_key, lookback_hours, measured_at.astimezone(timezone.utc),
-               int(match.group(1)) if match else 0)
+    return Run(row.id, metric_key, lookback_hours, measured_at.astimezone(timezone.utc), attempts)
 
 
-def succeed(engine: Engine, run_id: int, rows_read: int, values_published: int) -> None:
+def succeed(engine: Engine, run_id: int, rows_read: int, values_published: int, notes: str | None = None) -> None:
     with engine.begin() as conn:
-        _finish(conn, run_id, "succeeded", rows_read, values_published, None)
+        _finish(conn, run_id, "succeeded", rows_read, values_published, None, notes)
 
 
 def fail(engine: Engine, run_id: int, reason: str, rows_read: int = 0) -> None:
@@ -82,9 +80,9 @@ def record_attempt(engine: Engine, run_id: int, attempt: int, limit: int, reason
 
 
 def _finish(conn: Connection, run_id: int, status: str, rows_read: int, values_published: int,
-            error: str | None) -> None:
+            error: str | None, notes: str | None = None) -> None:
     conn.execute(text(
         "UPDATE load_runs SET status = :status, finished_at = now(), rows_read = :rows,"
-        " values_published = :published, error = :error WHERE id = :id"),
+        " values_published = :published, error = :error, notes = :notes WHERE id = :id"),
         {"id": run_id, "status": status, "rows": rows_read, "published": values_published,
-         "error": None if error is None else error[:ERROR_MAX]})
+         "error": None if error is None else error[:ERROR_MAX], "notes": None if notes is None else notes[:ERROR_MAX]})

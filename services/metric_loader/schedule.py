@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 
 from sqlalchemy import Engine, text
 
-from shared.bus import CONNECTION_ERRORS, Bus, PublishError
+from shared.rabbitmq import CONNECTION_ERRORS, Bus, PublishError
 from shared.events import (
     METRIC_KEYS, METRIC_LOAD_REQUESTED, REFERENCE, Envelope, MetricLoadRequested, new_event, stable_event_id,
 )

@@ -8,13 +8,15 @@ from urllib.parse import urlsplit
 
 from services.metric_loader.handler import LoaderConfig, handle
 from services.metric_loader.schedule import Schedule
-from shared.bus import Consumer, Handler
+from shared.handling import Handler
+from shared.rabbitmq import Consumer
 from shared.hasoffers import HasOffersClient
 from shared.service import Context, run_service
 
 logger = logging.getLogger(__name__)
 
 SERVICE = "metric_loader"
+CONSUMES = "metric.load.requested"
 
 
 def make_handler(context: Context) -> Handler:
@@ -42,4 +44,4 @@ def start_schedule(context: Context, consumer: Consumer) -> None:
 
 
 def main() -> int:
-    return run_service(SERVICE, make_handler, background=start_schedule)
+    return run_service(SERVICE, CONSUMES, make_handler, background=start_schedule)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Collection, Iterable
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import NamedTuple
 
 from pydantic import AwareDatetime, TypeAdapter
@@ -22,7 +22,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.engine import Connection, Engine
 
 from shared.batch import Batch, split_batch
-from shared.bus import HandlerResult
+from shared.handling import Delivery, HandlerResult
 from shared.db import TZ, Metric, MetricValue, OfferCategory, Trigger, TriggerCheck, TriggerThreshold
 from shared.events import (
     MAX_BATCH, MAX_CHECKS, TRIGGER_CHECKED, Envelope, MetricItem, new_event, stable_event_id,
@@ -34,6 +34,9 @@ logger = logging.getLogger(__name__)
 
 # offer_id and affiliate_id are `integer` columns: a larger id is invalid, not retryable.
 INT4_MAX = 2**31 - 1
+# measured_at before this is a mistake (HasOffers did not exist); after now + the allowed
+# clock skew it would freeze the pair, every real check after it being older.
+EARLIEST_MEASURED_AT = datetime(2000, 1, 1, tzinfo=timezone.utc)
 
 VALUE_KEY_COLUMNS = {"metric_key": Text(), "offer_id": Integer(), "affiliate_id": Integer(), "measured_at": TZ}
 
@@ -44,9 +47,11 @@ thresholds = TriggerThreshold.__table__
 offer_categories = OfferCategory.__table__
 
 
-def handle_metric_loaded(envelope: Envelope, engine: Engine) -> HandlerResult:
+def handle_metric_loaded(envelope: Envelope, delivery: Delivery | None = None, *, engine: Engine,
+                         max_clock_skew_seconds: int = 3600) -> HandlerResult:
     batch = split_batch(envelope, "metrics", MetricItem, MAX_BATCH)
     _reject_out_of_range_ids(batch)
+    _reject_out_of_range_times(batch, datetime.now(timezone.utc) + timedelta(seconds=max_clock_skew_seconds))
     with transaction(engine) as conn:
         _reject_unknown_metrics(conn, batch)
         if not batch.valid:
@@ -75,6 +80,17 @@ def _reject_out_of_range_ids(batch: Batch[MetricItem]) -> None:
         for field_name in ("offer_id", "affiliate_id"):
             if getattr(item, field_name) > INT4_MAX:
                 batch.reject(index, field_name, f"must be at most {INT4_MAX}")
+
+
+def _reject_out_of_range_times(batch: Batch[MetricItem], latest: datetime) -> None:
+    for index, item in list(batch.valid.items()):
+        when = item.measured_at
+        # The year first: 0001-01-01T00:00+01:00 is a valid timestamp that cannot be
+        # converted to UTC at all.
+        if not EARLIEST_MEASURED_AT.year <= when.year < 9999 or not (
+                EARLIEST_MEASURED_AT <= when.astimezone(timezone.utc) <= latest):
+            batch.reject(index, "measured_at", f"must be between {EARLIEST_MEASURED_AT.isoformat()} and "
+                                               f"now + the allowed clock skew ({latest.isoformat()})")
 
 
 def _reject_unknown_metrics(conn: Connection, batch: Batch[MetricItem]) -> None:
