@@ -91,7 +91,7 @@ class Trigger(Base):
     operator: Mapped[str] = mapped_column(Text)
     threshold: Mapped[float | None] = mapped_column(Double)
     active: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
-    # DESIGN.md section 6 (migration 0006): PROBLEM only after this many PROBLEM checks in
+    # DESIGN.md section 6 (migration 0007): PROBLEM only after this many PROBLEM checks in
     # a row; back to OK only past the recovery value (NULL: at the threshold itself).
     for_checks: Mapped[int] = mapped_column(Integer, server_default=text("1"))
     recovery_threshold: Mapped[float | None] = mapped_column(Double)
@@ -341,7 +341,7 @@ class TriggerCheck(Base):
     operator: Mapped[str] = mapped_column(Text)
     threshold: Mapped[float] = mapped_column(Double)
     threshold_scope: Mapped[str | None] = mapped_column(Text)
-    # The recovery value of the row that supplied the threshold (migration 0006).
+    # The recovery value of the row that supplied the threshold (migration 0007).
     recovery: Mapped[float | None] = mapped_column(Double)
     status: Mapped[str] = mapped_column(Text)
     measured_at: Mapped[datetime] = mapped_column(TZ)
@@ -358,13 +358,13 @@ class TriggerState(Base):
     trigger_id: Mapped[int] = mapped_column(ForeignKey("triggers.id", ondelete="CASCADE"))
     offer_id: Mapped[int] = mapped_column(Integer)
     affiliate_id: Mapped[int] = mapped_column(Integer)
-    # NULL while a new pair's first PROBLEM checks have not reached for_checks (0006).
+    # NULL while a new pair's first PROBLEM checks have not reached for_checks (0007).
     status: Mapped[str | None] = mapped_column(Text)
     # The status before the last change; NULL until the first one (migration 0004).
     previous_status: Mapped[str | None] = mapped_column(Text)
     # When the pair entered this status (measured_at of the check at which it did).
     since: Mapped[datetime | None] = mapped_column(TZ)
-    # Consecutive PROBLEM checks up to the newest, counted up to for_checks (0006).
+    # Consecutive PROBLEM checks up to the newest, counted up to for_checks (0007).
     streak: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     measured_at: Mapped[datetime] = mapped_column(TZ)
     check_id: Mapped[int] = mapped_column(BigInteger)
@@ -392,7 +392,7 @@ class TriggerEvent(Base):
     threshold: Mapped[float | None] = mapped_column(Double)
     measured_at: Mapped[datetime] = mapped_column(TZ)
     created_at: Mapped[datetime] = mapped_column(TZ, server_default=func.now())
-    # The trigger.checked message whose handling recorded the event (migration 0006).
+    # The trigger.checked message whose handling recorded the event (migration 0007).
     source_event_id: Mapped[str | None] = mapped_column(Text, index=True)
 
 

@@ -15,14 +15,14 @@ What the system writes changes with them:
   email that carried the run), `measured_at` (the check that caused the run: the clock
   of reminders); digests: one email per operation, recipients and window.
 
-Revision ID: 0006
-Revises: 0005
+Revision ID: 0007
+Revises: 0006
 """
 from alembic import op
 import sqlalchemy as sa
 
-revision = '0006'
-down_revision = '0005'
+revision = '0007'
+down_revision = '0006'
 branch_labels = None
 depends_on = None
 
