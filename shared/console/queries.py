@@ -93,27 +93,36 @@ def _id_or_name(column: ColumnElement[int], wanted: str, id_column: ColumnElemen
 
 
 def problems(conn: Connection, where: ProblemFilter, page: int, size: int) -> tuple[list[dict[str, Any]], Page]:
+    """One page of the pairs in PROBLEM, newest first, with names and the threshold scope."""
     s, t, c = states.c, triggers.c, checks.c
     conditions = [s.status == "PROBLEM", *where.conditions()]
     total = conn.execute(select(func.count()).select_from(states).where(*conditions)).scalar_one()
     found = Page(page, size, total)
+    # The page first (ix_trigger_states_problem_since walked in order), then the joins
+    # for its rows only.
+    shown = (
+        select(s.trigger_id, s.offer_id, s.affiliate_id, s.value, s.threshold, s.since, s.measured_at, s.check_id)
+        .where(*conditions)
+        .order_by(s.since.desc(), s.trigger_id, s.offer_id, s.affiliate_id)
+        .limit(size).offset(found.offset)
+        .subquery("shown")
+    )
+    p = shown.c
     rows = conn.execute(
         select(
-            s.trigger_id, t.name.label("trigger"), t.metric_key.label("metric"), c.operator,
-            s.offer_id, offers.c.name.label("offer_name"), s.affiliate_id, affiliates.c.company.label("affiliate_company"),
-            s.value, s.threshold, c.threshold_scope, s.since, s.measured_at,
+            p.trigger_id, t.name.label("trigger"), t.metric_key.label("metric"), c.operator,
+            p.offer_id, offers.c.name.label("offer_name"), p.affiliate_id, affiliates.c.company.label("affiliate_company"),
+            p.value, p.threshold, c.threshold_scope, p.since, p.measured_at,
         )
         .select_from(
-            states.join(triggers, t.id == s.trigger_id)
-            .outerjoin(offers, offers.c.id == s.offer_id)
-            .outerjoin(affiliates, affiliates.c.id == s.affiliate_id)
+            shown.join(triggers, t.id == p.trigger_id)
+            .outerjoin(offers, offers.c.id == p.offer_id)
+            .outerjoin(affiliates, affiliates.c.id == p.affiliate_id)
             # measured_at too: the check that set the state has the state's measured_at, and
             # a table partitioned by measured_at is searched in one partition only.
-            .outerjoin(checks, and_(c.id == s.check_id, c.measured_at == s.measured_at))
+            .outerjoin(checks, and_(c.id == p.check_id, c.measured_at == p.measured_at))
         )
-        .where(*conditions)
-        .order_by(s.since.desc(), t.name, s.offer_id, s.affiliate_id)
-        .limit(size).offset(found.offset)
+        .order_by(p.since.desc(), p.trigger_id, p.offer_id, p.affiliate_id)
     ).mappings().all()
     return [dict(row) for row in rows], found
 
