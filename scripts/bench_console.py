@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,17 +32,12 @@ sys.path.insert(0, str(ROOT))
 
 from shared import migrate  # noqa: E402
 from shared.db import make_engine  # noqa: E402
+from tests.action_runner_support import free_port  # noqa: E402
 from tests.conftest import create_database, drop_database  # noqa: E402
 from tests.console_world import seed_console_world  # noqa: E402
 
 USER, PASSWORD = "bench", uuid.uuid4().hex
 BUDGET_MS = 200.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> int:

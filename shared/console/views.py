@@ -110,7 +110,8 @@ def _pair_data(request: Request) -> dict[str, Any]:
             drawn = drawn[-CHART_CHECKS:]
             before, changes = queries.changes_since(conn, trigger_id, offer_id, affiliate_id,
                                                     drawn[0].measured_at if drawn else None)
-            title = f"{trigger['trigger']}: offer {offer_id}, affiliate {affiliate_id}"
+            title = (f"{trigger['trigger']}: offer {offer_id} {names['offer_name'] or ''}, "
+                     f"affiliate {affiliate_id} {names['affiliate_company'] or ''}")
             chart = render_chart(str(trigger_id), title, drawn, changes, before)
             page = checks_page if trigger_id == paged_trigger else 1
             rows, found = queries.checks_page(conn, trigger_id, offer_id, affiliate_id, page, CHECKS_PER_PAGE)
