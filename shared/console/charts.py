@@ -161,8 +161,8 @@ def _render(chart_id: str, title: str, checks: Sequence[CheckPoint], changes: Se
     out.append("</g>")
 
     if note:
-        out.append(f'<text class="chart-note" x="{LEFT + PLOT_W / 2:.1f}" y="{TOP + 22}" text-anchor="middle">'
-                   f'{escape(note)}</text>')
+        out.append(f'<text class="chart-note" x="{LEFT + PLOT_W}" y="18" text-anchor="end">'
+                   f'checks older than retention: state changes only<title>{escape(note)}</title></text>')
     out.append(_legend(bool(checks)))
     drawn_points = sum(1 for c in checks if math.isfinite(c.value))
     return Chart(_svg(title, "".join(out), drawn_points, len(changes)), drawn_points, len(changes), note)
@@ -254,7 +254,8 @@ def _value_domain(values: list[float]) -> tuple[float, float, list[float], float
         pad = abs(low) * 0.1 or 1.0
         low, high = low - pad, high + pad
     span = high - low
-    low, high = low - span * 0.06, high + span * 0.06
+    # A little air around the data, but no negative axis for a metric that never is.
+    low, high = (low - span * 0.06 if low - span * 0.06 >= 0 or low < 0 else 0.0), high + span * 0.06
     step = nice_step((high - low) / 5)
     first, last = math.floor(low / step), math.ceil(high / step)
     ticks = [i * step for i in range(first, last + 1)]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Integer, and_, any_, exists, func, or_, select
+from sqlalchemy import Integer, and_, any_, case, exists, func, or_, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -140,7 +140,7 @@ def trigger_counts(conn: Connection, where: ProblemFilter) -> list[dict[str, Any
     )
     rows = conn.execute(
         select(t.id.label("trigger_id"), t.name.label("trigger"), t.metric_key.label("metric"), t.operator,
-               t.active, func.coalesce(per_trigger.c.problem, 0).label("problem"),
+               t.threshold, t.active, func.coalesce(per_trigger.c.problem, 0).label("problem"),
                func.coalesce(per_trigger.c.ok, 0).label("ok"))
         .select_from(triggers.outerjoin(per_trigger, per_trigger.c.trigger_id == t.id))
         .order_by(t.name)
@@ -160,7 +160,7 @@ def pair_names(conn: Connection, offer_id: int, affiliate_id: int) -> dict[str, 
 
 def pair_triggers(conn: Connection, offer_id: int, affiliate_id: int) -> list[dict[str, Any]]:
     """The triggers that have a state, a check or a state change for the pair, with the
-    state and the threshold scope of the check that set it."""
+    state and the threshold scope of the check that set it; those in PROBLEM first."""
     s, t, c = states.c, triggers.c, checks.c
     any_check, any_event = checks.alias("any_check").c, events.alias("any_event").c
     on_pair_state = and_(s.trigger_id == t.id, s.offer_id == offer_id, s.affiliate_id == affiliate_id)
@@ -179,7 +179,7 @@ def pair_triggers(conn: Connection, offer_id: int, affiliate_id: int) -> list[di
             .outerjoin(checks, and_(c.id == s.check_id, c.measured_at == s.measured_at))
         )
         .where(or_(s.trigger_id.is_not(None), has_check, has_event))
-        .order_by(t.name)
+        .order_by(case((s.status == "PROBLEM", 0), else_=1), t.name)  # what is wrong first
     ).mappings().all()
     return [dict(row) for row in rows]
 
