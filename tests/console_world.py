@@ -75,7 +75,10 @@ def _u(key: str) -> str:
 
 
 def seed_console_world(conn: Connection, *, offers: int = 8, affiliates: int = 6, rounds: int = 48,
-                       interval: timedelta = timedelta(minutes=30), end: datetime | None = None) -> World:
+                       interval: timedelta = timedelta(minutes=30), end: datetime | None = None,
+                       long_history: int | None = None) -> World:
+    """long_history: that many rounds for the pair (offer 1, affiliate 1) instead of `rounds`
+    (a pair watched for months, beside a network of recent pairs)."""
     end = (end or datetime.now(timezone.utc)).replace(second=0, microsecond=0)
     end -= timedelta(minutes=end.minute % max(1, int(interval.total_seconds() // 60) or 1))
     world = World(offers, affiliates, rounds, interval, end)
@@ -121,15 +124,16 @@ def seed_console_world(conn: Connection, *, offers: int = 8, affiliates: int = 6
                m.measured_at, m.measured_at + interval '40 seconds'
         FROM (VALUES (1, 'cr', 'lt'), (2, 'cr', 'gt'), (3, 'pacc', 'lt'), (4, 'cap_fill', 'gt'))
              AS c(trigger_id, metric, operator)
-        CROSS JOIN (SELECT o, a FROM generate_series(1, :offers) o, generate_series(1, :affiliates) a) p
-        CROSS JOIN generate_series(0, :rounds - 1) r
-        CROSS JOIN LATERAL (SELECT CAST(:end AS timestamptz) - (:rounds - 1 - r) * CAST(:step AS interval)
+        CROSS JOIN (SELECT o, a, CASE WHEN o = 1 AND a = 1 THEN :long_rounds ELSE :rounds END AS n
+                    FROM generate_series(1, :offers) o, generate_series(1, :affiliates) a) p
+        CROSS JOIN LATERAL generate_series(0, p.n - 1) r
+        CROSS JOIN LATERAL (SELECT CAST(:end AS timestamptz) - (p.n - 1 - r) * CAST(:step AS interval)
                             AS measured_at) m
         CROSS JOIN LATERAL (SELECT CASE c.metric WHEN 'cr' THEN {value['cr']} WHEN 'pacc' THEN {value['pacc']}
                                    ELSE {value['cap_fill']} END AS value) v
         CROSS JOIN LATERAL (
             SELECT CASE
-                WHEN c.trigger_id = 1 AND (p.o * 31 + p.a) % 17 = 0 AND r >= :rounds / 2 THEN 0.003
+                WHEN c.trigger_id = 1 AND (p.o * 31 + p.a) % 17 = 0 AND r >= p.n / 2 THEN 0.003
                 WHEN c.trigger_id = 1 AND p.o % 5 = 0 THEN 0.008
                 WHEN c.trigger_id = 1 THEN 0.005
                 WHEN c.trigger_id = 2 THEN 0.02
@@ -138,14 +142,15 @@ def seed_console_world(conn: Connection, *, offers: int = 8, affiliates: int = 6
                 WHEN c.trigger_id = 4 AND p.o % 4 = 3 THEN 1.2
                 ELSE 1.0 END AS threshold,
             CASE
-                WHEN c.trigger_id = 1 AND (p.o * 31 + p.a) % 17 = 0 AND r >= :rounds / 2 THEN 'offer_affiliate'
+                WHEN c.trigger_id = 1 AND (p.o * 31 + p.a) % 17 = 0 AND r >= p.n / 2 THEN 'offer_affiliate'
                 WHEN c.trigger_id = 1 AND p.o % 5 = 0 THEN 'offer'
                 WHEN c.trigger_id = 3 AND p.a % 7 = 0 THEN 'affiliate'
                 WHEN c.trigger_id = 4 AND p.o % 4 = 3 THEN 'offer_category'
                 ELSE 'general' END AS scope
         ) th
         ORDER BY m.measured_at, c.trigger_id, p.o, p.a
-    """), {"offers": offers, "affiliates": affiliates, "rounds": rounds, "end": end,
+    """), {"offers": offers, "affiliates": affiliates, "rounds": rounds, "long_rounds": long_history or rounds,
+           "end": end,
            "step": f"{int(interval.total_seconds())} seconds"})
     # What the event_detector derives: a change where the status differs from the one before.
     conn.execute(text("""
