@@ -4,22 +4,28 @@ chart's scales and drawing, the read-only connections."""
 from __future__ import annotations
 
 import base64
+import json
 import re
 from datetime import datetime, timedelta, timezone
 
+import httpx
 import pytest
+from jinja2 import ChoiceLoader, DictLoader
 from pydantic import SecretStr
 from sqlalchemy import text
 from sqlalchemy.exc import InternalError, OperationalError, ProgrammingError
 from starlette.requests import Request
+from starlette.routing import Route
 
 from shared.console import charts
-from shared.console.forms import reading, writing
+from shared.console.app import create_app
+from shared.console.forms import read_form, reading, see_other, user_of, writing
 from shared.console.queries import CheckPoint, StateChange
-from shared.console.rendering import ago
+from shared.console.rendering import ago, json_response, render
 from shared.console.security import Credentials, CsrfTokens
 from shared.console.server import ConsoleConfigError, console_engine, credentials_for
 from shared.settings import Settings
+from tests.console_support import running_console
 
 T0 = datetime(2026, 11, 27, 22, 0, tzinfo=timezone.utc)
 
@@ -199,3 +205,50 @@ def test_ago_reads_like_a_person_would_say_it():
     assert ago(now - timedelta(hours=3, minutes=5), now) == "3 h 05 min ago"
     assert ago(now - timedelta(hours=3), now) == "3 h ago"
     assert ago(now - timedelta(days=4, hours=1), now) == "4 d ago"
+
+
+# --- responses --------------------------------------------------------------------------
+
+
+def test_json_twins_write_null_for_values_json_cannot_hold():
+    body = json_response({"value": float("nan"), "items": [float("inf"), 1.5, {"x": float("-inf")}]}).body
+    assert json.loads(body) == {"value": None, "items": [None, 1.5, {"x": None}]}
+
+
+def test_an_unexpected_error_answers_500_with_the_security_headers_and_no_traceback():
+    def broken(request):
+        raise RuntimeError("secret detail of a bug")
+
+    app = create_app(None, credentials=None, bus_factory=lambda: None, routes=[Route("/broken", broken)])
+    with running_console(app) as base:
+        response = httpx.get(base + "/broken")
+    assert response.status_code == 500 and "secret detail" not in response.text
+    assert "default-src 'self'" in response.headers["content-security-policy"]
+
+
+def test_a_form_posts_with_the_token_its_page_carries_and_the_view_reads_its_fields():
+    """The mechanism the forms of silences and held rejects use, end to end, on a route
+    that exists only in this test: the page renders csrf_field(), the POST carries it,
+    CsrfMiddleware checks it and the view reads the fields and the user."""
+
+    def form_page(request):
+        return render(request, "form_test.html", {})
+
+    def post(request):
+        assert read_form(request)["reason"] == "maintenance & <tests>"
+        return see_other(f"/done?by={user_of(request)}")
+
+    tokens = CsrfTokens()
+    app = create_app(None, credentials=Credentials("ops", "pw"), csrf=tokens, bus_factory=lambda: None,
+                     routes=[Route("/form", form_page), Route("/form", post, methods=["POST"])])
+    app.state.templates.loader = ChoiceLoader([
+        DictLoader({"form_test.html": '<form method="post">{{ csrf_field() }}</form>'}),
+        app.state.templates.loader,
+    ])
+    with running_console(app) as base, httpx.Client(base_url=base, auth=("ops", "pw")) as client:
+        page = client.get("/form").text
+        token = re.search(r'<input type="hidden" name="csrf_token" value="([^"]+)">', page).group(1)
+        assert tokens.verify(token, "ops")
+        posted = client.post("/form", data={"csrf_token": token, "reason": "maintenance & <tests>"})
+        assert posted.status_code == 303 and posted.headers["location"] == "/done?by=ops"
+        assert client.post("/form", data={"reason": "x"}).status_code == 403

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from typing import Any
@@ -38,7 +39,7 @@ def templates() -> Environment:
         lstrip_blocks=True,
     )
     env.filters.update(num=charts.format_number, when=when, ago=ago, scope=scope_label, op=operator_symbol)
-    env.globals.update(nav=NAV, CSRF_FIELD=CSRF_FIELD)
+    env.globals.update(nav=NAV)
     return env
 
 
@@ -48,8 +49,11 @@ def render(request: Request, template: str, context: dict[str, Any], status_code
     def url_with(**changes: Any) -> str:
         return url_with_params(request, **changes)
 
+    def csrf_field() -> Markup:
+        return Markup('<input type="hidden" name="{}" value="{}">').format(CSRF_FIELD, csrf_token(request))
+
     html = env.get_template(template).render(
-        request=request, user=user_of(request), url_with=url_with, csrf_token=lambda: csrf_token(request),
+        request=request, user=user_of(request), url_with=url_with, csrf_field=csrf_field,
         active=_active_nav(request.url.path), **context,
     )
     return HTMLResponse(html, status_code=status_code)
@@ -74,8 +78,19 @@ def _active_nav(path: str) -> str:
 
 
 def json_response(data: Any, status_code: int = 200) -> Response:
-    return Response(json.dumps(data, default=_json_default, ensure_ascii=False, allow_nan=False),
+    return Response(json.dumps(_finite(data), default=_json_default, ensure_ascii=False, allow_nan=False),
                     status_code=status_code, media_type="application/json")
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinities (a value typed in by hand) as null: JSON has no word for them."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
 
 
 def _json_default(value: Any) -> Any:

@@ -126,14 +126,27 @@ class SecurityHeadersMiddleware:
             await self.app(scope, receive, send)
             return
 
+        started = False
+
         async def send_with_headers(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 headers = MutableHeaders(scope=message)
                 for name, value in SECURITY_HEADERS.items():
                     headers.setdefault(name, value)
             await send(message)
 
-        await self.app(scope, receive, send_with_headers)
+        try:
+            await self.app(scope, receive, send_with_headers)
+        except Exception:
+            # Answered here rather than by Starlette's outermost error page, so a 500
+            # carries the same headers (and no traceback) too.
+            logger.exception("error on %s %s", scope["method"], scope["path"])
+            if started:
+                raise
+            await PlainTextResponse("500 Internal Server Error\n", status_code=500)(scope, receive,
+                                                                                   send_with_headers)
 
 
 class BasicAuthMiddleware:
