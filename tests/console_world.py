@@ -119,8 +119,8 @@ def seed_console_world(conn: Connection, *, offers: int = 8, affiliates: int = 6
         INSERT INTO trigger_checks (trigger_id, offer_id, affiliate_id, value, operator, threshold, threshold_scope,
                                     status, measured_at, checked_at)
         SELECT c.trigger_id, p.o, p.a, v.value, c.operator, th.threshold, th.scope,
-               CASE WHEN (c.operator = 'lt' AND v.value < th.threshold) OR (c.operator = 'gt' AND v.value > th.threshold)
-                    THEN 'PROBLEM' ELSE 'OK' END,
+               CASE WHEN (c.operator = 'lt' AND v.value < th.threshold)
+                         OR (c.operator = 'gt' AND v.value > th.threshold) THEN 'PROBLEM' ELSE 'OK' END,
                m.measured_at, m.measured_at + interval '40 seconds'
         FROM (VALUES (1, 'cr', 'lt'), (2, 'cr', 'gt'), (3, 'pacc', 'lt'), (4, 'cap_fill', 'gt'))
              AS c(trigger_id, metric, operator)

@@ -69,7 +69,8 @@ def console() -> Iterator[Console]:
                 "SELECT trigger_id, offer_id, affiliate_id FROM trigger_events "
                 "WHERE (offer_id, affiliate_id) <> (:o, :a) GROUP BY 1, 2, 3 HAVING count(*) >= 2 "
                 "ORDER BY count(*) DESC, 1, 2, 3 LIMIT 1"), {"o": offer_id, "a": affiliate_id}).one()
-            conn.execute(text("DELETE FROM trigger_checks WHERE trigger_id = :t AND offer_id = :o AND affiliate_id = :a"),
+            conn.execute(text("DELETE FROM trigger_checks "
+                              "WHERE trigger_id = :t AND offer_id = :o AND affiliate_id = :a"),
                          dict(zip("toa", retention)))
         settings = Settings(database_url=SecretStr(url), amqp_url=SecretStr(AMQP_URL), kpi_exchange=exchange)
         read_only = console_engine(settings)

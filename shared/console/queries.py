@@ -111,7 +111,8 @@ def problems(conn: Connection, where: ProblemFilter, page: int, size: int) -> tu
     rows = conn.execute(
         select(
             p.trigger_id, t.name.label("trigger"), t.metric_key.label("metric"), c.operator,
-            p.offer_id, offers.c.name.label("offer_name"), p.affiliate_id, affiliates.c.company.label("affiliate_company"),
+            p.offer_id, offers.c.name.label("offer_name"),
+            p.affiliate_id, affiliates.c.company.label("affiliate_company"),
             p.value, p.threshold, c.threshold_scope, p.since, p.measured_at,
         )
         .select_from(

@@ -35,7 +35,7 @@ def credentials_for(settings: Settings, host: str, no_auth: bool) -> Credentials
             "set KPI_WEB_USER and KPI_WEB_PASSWORD (or, on 127.0.0.1 only, pass --no-auth)"
         )
     if ":" in user:
-        raise ConsoleConfigError("KPI_WEB_USER cannot contain ':' (HTTP Basic separates the user from the password with it)")
+        raise ConsoleConfigError("KPI_WEB_USER cannot contain ':' (HTTP Basic puts one between user and password)")
     return Credentials(user, password)
 
 
