@@ -7,6 +7,7 @@
     kpi triggers                     triggers with their thresholds
     kpi dead list SERVICE            what is in a service's dead queue, and why
     kpi dead replay SERVICE          put dead letters back on the exchange
+    kpi web [--host H] [--port P]    the operators' console (HTTP Basic: KPI_WEB_USER, KPI_WEB_PASSWORD)
 
 Exit codes: 0 ok, 2 bad arguments or input, 3 RabbitMQ or PostgreSQL unreachable.
 """
@@ -182,6 +183,21 @@ def cmd_dead(settings: Settings, args: argparse.Namespace) -> None:
             print(f"replayed {moved} message(s) from {bus.exchange}.{args.service}.dead")
 
 
+def cmd_web(settings: Settings, args: argparse.Namespace) -> None:
+    from shared.console import server
+    from shared.logs import configure_logging
+
+    if not 0 < args.port < 65536:
+        raise CliError(f"--port must be from 1 to 65535, not {args.port}")
+    try:
+        credentials = server.credentials_for(settings, args.host, args.no_auth)
+    except server.ConsoleConfigError as exc:
+        raise CliError(str(exc)) from None
+    _engine(settings).dispose()
+    configure_logging("console", settings.kpi_log_level, settings.kpi_log_json)
+    server.serve(settings, server.console_engine(settings), args.host, args.port, credentials)
+
+
 def _num(value: float | None) -> str:
     return "" if value is None else f"{value:g}"
 
@@ -217,6 +233,11 @@ def parser() -> argparse.ArgumentParser:
     dead.add_argument("--limit", type=int, default=None)
     dead.add_argument("--json", action="store_true")
     dead.set_defaults(run=cmd_dead)
+    web = sub.add_parser("web", help="serve the operators' console")
+    web.add_argument("--host", default="127.0.0.1")
+    web.add_argument("--port", type=int, default=8080)
+    web.add_argument("--no-auth", action="store_true", help="no authentication (only with --host 127.0.0.1)")
+    web.set_defaults(run=cmd_web)
     return p
 
 

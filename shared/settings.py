@@ -57,3 +57,7 @@ class Settings(BaseSettings):
     # Schedule: seconds between loads of every metric, and of the reference data; 0 = off.
     kpi_schedule_metrics_seconds: int = Field(0, ge=0)
     kpi_schedule_reference_seconds: int = Field(0, ge=0)
+
+    # The operators' console (`kpi web`): HTTP Basic credentials.
+    kpi_web_user: str | None = None
+    kpi_web_password: SecretStr | None = None
