@@ -45,8 +45,8 @@ sys.path.insert(0, str(ROOT))
 
 import fault_model as fm  # noqa: E402  (scripts/ is on sys.path: this file's directory)
 
-from services.fake_hasoffers.network import generate  # noqa: E402
-from services.fake_hasoffers.server import FakeHasOffers, Fault  # noqa: E402
+from testkit.fake_hasoffers.network import generate  # noqa: E402
+from testkit.fake_hasoffers.server import FakeHasOffers, Fault  # noqa: E402
 from shared import migrate  # noqa: E402
 from shared.rabbitmq import SERVICE_BINDINGS, Bus, PublishError, queue_names  # noqa: E402
 from shared.db import make_engine  # noqa: E402

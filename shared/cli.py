@@ -30,6 +30,7 @@ from shared.rabbitmq import (
 from shared.db import make_engine
 from shared.events import METRIC_KEYS, METRIC_LOAD_REQUESTED, REFERENCE, MetricLoadRequested, new_event
 from shared.settings import Settings
+from shared.sql import run_script
 
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
@@ -78,17 +79,11 @@ def cmd_seed(settings: Settings, args: argparse.Namespace) -> None:
     except OSError as exc:
         raise CliError(f"{path}: cannot read it: {exc.strerror or exc}") from None
     engine = _engine(settings)
-    # The raw DBAPI cursor runs a whole script (several statements, its own BEGIN/COMMIT).
-    connection = engine.raw_connection()
     try:
-        with connection.cursor() as cursor:
-            cursor.execute(sql)
-        connection.commit()
+        run_script(engine, sql)
     except Exception as exc:
-        connection.rollback()
         raise CliError(f"{path}: {str(exc).strip()}") from None
     finally:
-        connection.close()
         engine.dispose()
     print(f"loaded {path}")
 

@@ -98,3 +98,19 @@ def transaction(engine: Engine) -> Iterator[Connection]:
             sqlstate = getattr(exc.orig, "pgcode", None) or type(exc.orig).__name__
             raise RetryableError(f"transient database error ({sqlstate}): {str(exc.orig).strip()[:300]}") from exc
         raise
+
+
+def run_script(engine: Engine, sql: str) -> None:
+    """Run a whole SQL script (several statements, maybe its own BEGIN/COMMIT), as psql
+    would: the seed files operators write. Through the driver's cursor, because a
+    statement of SQLAlchemy's is one statement; rolled back if any part fails."""
+    connection = engine.raw_connection()
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(sql)
+        connection.commit()
+    except Exception:
+        connection.rollback()
+        raise
+    finally:
+        connection.close()

@@ -12,8 +12,6 @@ from sqlalchemy import text
 
 from services.action_runner.handler import RUN_LOCK, handle
 from services.action_runner.mailer import Mail, MailRejectedError, MailTransientError, SmtpMailer
-from services.fake_hasoffers.network import FakeOffer
-from services.fake_hasoffers.server import FakeHasOffers
 from shared.handling import RetryableError
 from shared.events import (
     OPERATION_EXECUTED,
@@ -25,6 +23,9 @@ from shared.events import (
 )
 from shared.hasoffers import HasOffersClient
 from shared.settings import Settings
+from testkit.fake_hasoffers.network import FakeOffer
+from testkit.fake_hasoffers.server import FakeHasOffers
+from testkit.smtp import FakeSmtpServer
 from tests.action_runner_support import (
     fake_network,
     AFFILIATE,
@@ -34,7 +35,6 @@ from tests.action_runner_support import (
     OFFER_APPROVAL,
     TRIGGER,
     TRIGGER_2,
-    FakeSmtpServer,
     add_action,
     add_operation,
     add_trigger_event,

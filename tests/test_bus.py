@@ -11,7 +11,9 @@ import pytest
 from shared.handling import HandlerResult, RetryableError
 from shared.rabbitmq import H_HISTORY, H_REASON, H_RETRIES, Bus, Consumer, PublishError, queue_names, read_dead_letters, replay_dead_letters
 from shared.events import METRIC_LOADED, new_event
-from tests.support import AMQP_URL, ServiceProcess, drain, queue_depth, wait_for
+from testkit.processes import ServiceProcess
+from testkit.waiting import wait_for
+from tests.support import AMQP_URL, drain, queue_depth
 
 
 def metric_event(value=0.5):

@@ -8,7 +8,7 @@ import random
 import sys
 from datetime import datetime, timedelta, timezone
 
-from services.fake_hasoffers.network import StatRow, generate
+from testkit.fake_hasoffers.network import StatRow, generate
 from tests.support import ROOT
 
 _spec = importlib.util.spec_from_file_location("fault_model", ROOT / "scripts/fault_model.py")

@@ -7,8 +7,6 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from sqlalchemy import text
 
-from services.fake_hasoffers.network import FakeOffer, Network, StatRow
-from services.fake_hasoffers.server import FakeHasOffers
 from services.metric_loader import metrics
 from services.metric_loader.handler import LoaderConfig, handle
 from services.metric_loader.metrics import OfferSettings, Totals
@@ -18,6 +16,8 @@ from shared.events import (
     METRIC_KEYS, METRIC_LOAD_REQUESTED, REFERENCE, MetricLoaded, MetricLoadRequested, encode, new_event, parse_data, parse_envelope,
 )
 from shared.hasoffers import HasOffersClient, HasOffersResponseError
+from testkit.fake_hasoffers.network import FakeOffer, Network, StatRow
+from testkit.fake_hasoffers.server import FakeHasOffers
 
 TOKEN = "NETunits-token"
 

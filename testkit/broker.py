@@ -1,0 +1,60 @@
+"""Exchanges and queues of their own: inspection and teardown on the local RabbitMQ."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import pika
+from pika.adapters.blocking_connection import BlockingChannel
+
+from shared.rabbitmq import SERVICE_BINDINGS, queue_names
+
+
+def amqp_url(variable: str = "AMQP_URL") -> str:
+    return os.environ.get(variable, "amqp://guest:guest@127.0.0.1:5672/%2F")
+
+
+@contextmanager
+def channel(url: str) -> Iterator[BlockingChannel]:
+    """A channel on a connection of its own, closed afterwards."""
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        yield connection.channel()
+    finally:
+        if connection.is_open:
+            connection.close()
+
+
+def delete_topology(channel: BlockingChannel, exchange: str, also: Sequence[str] = ()) -> None:
+    """Every queue the services declare on `exchange` (work, retry, dead), the queues
+    named in `also`, and the exchange."""
+    for service in SERVICE_BINDINGS:
+        names = queue_names(exchange, service)
+        for queue in (names.work, names.retry, names.dead):
+            channel.queue_delete(queue)
+    for queue in also:
+        channel.queue_delete(queue)
+    channel.exchange_delete(exchange)
+
+
+def delete_topology_at(url: str, exchange: str, also: Sequence[str] = ()) -> None:
+    """delete_topology on a connection of its own."""
+    with channel(url) as ch:
+        delete_topology(ch, exchange, also)
+
+
+def queue_depth(channel: BlockingChannel, queue: str) -> int:
+    return channel.queue_declare(queue, passive=True).method.message_count
+
+
+def take_all(channel: BlockingChannel, queue: str) -> list[tuple[Any, bytes]]:
+    """Every message off a queue: [(properties, body)]."""
+    taken = []
+    while True:
+        method, properties, body = channel.basic_get(queue, auto_ack=True)
+        if method is None:
+            return taken
+        taken.append((properties, body))
