@@ -23,8 +23,8 @@ from datetime import datetime, timezone
 
 from sqlalchemy import text
 
-from services.metric_loader import metrics
-from services.metric_loader.handler import LoaderConfig, handle, monitored_offers
+from services.metric_loader import computation
+from services.metric_loader.handler import LoaderConfig, handle_load_requested, monitored_offers
 from shared.db import make_engine
 from shared.events import METRIC_LOAD_REQUESTED, MetricLoadRequested, new_event
 from shared.hasoffers import HasOffersClient
@@ -82,8 +82,9 @@ def main() -> int:
         config = LoaderConfig(page_size=args.page_size)
 
         offers = monitored_offers(engine, config)
-        start, end = metrics.window(datetime.now(timezone.utc), 24)
-        params_list = [metrics.report_params("cr", period, offers) for period in metrics.window_filters(start, end)]
+        start, end = computation.window(datetime.now(timezone.utc), 24)
+        params_list = [computation.report_params("cr", period, offers)
+                       for period in computation.window_filters(start, end)]
 
         def read_only() -> int:
             return sum(1 for params in params_list for _ in client.get_stats(params, page_size=args.page_size))
@@ -99,7 +100,7 @@ def main() -> int:
 
             request = new_event(METRIC_LOAD_REQUESTED, MetricLoadRequested(metric_key="cr", lookback_hours=24))
             began = time.perf_counter()
-            result = handle(request, engine=engine, client=client, config=config)
+            result = handle_load_requested(request, engine=engine, client=client, config=config)
             handled = time.perf_counter()
             bus.publish_many(result.events)
             if result.after_publish is not None:

@@ -20,9 +20,10 @@ import httpx
 from sqlalchemy import Engine, text
 
 from shared.db import make_engine
-from shared.events import METRIC_KEYS, METRIC_LOAD_REQUESTED, REFERENCE, MetricLoadRequested, new_event
+from shared.events import METRIC_LOAD_REQUESTED, MetricLoadRequested, new_event
 from shared.rabbitmq import SERVICE_BINDINGS, Bus, queue_names
 from shared.sql import run_script
+from shared.vocabulary import METRIC_KEYS, REFERENCE
 from testkit import ROOT, broker
 from testkit.database import admin_url, drop_database, migrated_database
 from testkit.ports import free_port, port_open

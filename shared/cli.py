@@ -28,9 +28,10 @@ from shared.rabbitmq import (
     SERVICE_BINDINGS, BrokerUnavailableError, Bus, dead_letter_count, read_dead_letters, replay_dead_letters,
 )
 from shared.db import make_engine
-from shared.events import METRIC_KEYS, METRIC_LOAD_REQUESTED, REFERENCE, MetricLoadRequested, new_event
+from shared.events import METRIC_LOAD_REQUESTED, MetricLoadRequested, new_event
 from shared.settings import Settings
 from shared.sql import run_script
+from shared.vocabulary import METRIC_KEYS, REFERENCE
 
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3

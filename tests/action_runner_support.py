@@ -8,7 +8,9 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, text
 
-from shared.events import TRIGGER_EVENT_OK, TRIGGER_EVENT_PROBLEM, Envelope, TriggerEvent, new_event, stable_event_id
+from shared.events import (
+    TRIGGER_EVENT_OK, TRIGGER_EVENT_PROBLEM, Envelope, TriggerEventMessage, new_event, stable_event_id,
+)
 from testkit.fake_hasoffers.network import FakeAffiliate, FakeOffer, Network
 
 MEASURED_AT = datetime(2026, 11, 28, 10, 0, tzinfo=timezone.utc)
@@ -77,7 +79,7 @@ _check_ids = iter(range(1000, 10**9))
 def add_trigger_event(conn: Connection, trigger_id: int = TRIGGER, offer_id: int = OFFER,
                       affiliate_id: int = AFFILIATE, status: str = "PROBLEM", previous: str | None = "OK",
                       value: float = 0.01, threshold: float = 0.05,
-                      measured_at: datetime = MEASURED_AT) -> TriggerEvent:
+                      measured_at: datetime = MEASURED_AT) -> TriggerEventMessage:
     """A trigger_events row (and the state it produced), and the message that announces it."""
     check_id = next(_check_ids)
     trigger_event_id = conn.execute(text("""
@@ -88,12 +90,12 @@ def add_trigger_event(conn: Connection, trigger_id: int = TRIGGER, offer_id: int
            "v": value, "th": threshold, "m": measured_at}).scalar_one()
     set_state(conn, trigger_id, offer_id, affiliate_id, status)
     name = conn.execute(text("SELECT name FROM triggers WHERE id = :t"), {"t": trigger_id}).scalar_one()
-    return TriggerEvent(trigger_event_id=trigger_event_id, trigger_id=trigger_id, trigger_name=name,
+    return TriggerEventMessage(trigger_event_id=trigger_event_id, trigger_id=trigger_id, trigger_name=name,
                         offer_id=offer_id, affiliate_id=affiliate_id, previous_status=previous, status=status,
                         value=value, threshold=threshold, measured_at=measured_at, check_id=check_id)
 
 
-def envelope_of(event: TriggerEvent) -> Envelope:
+def envelope_of(event: TriggerEventMessage) -> Envelope:
     # Deterministic, as the event detector makes it: a redelivery is the very same event.
     return new_event(TRIGGER_EVENT_PROBLEM if event.status == "PROBLEM" else TRIGGER_EVENT_OK, event,
                      correlation_id="test", event_id=stable_event_id("trigger.event", event.trigger_event_id))

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import text
 
-from services.action_runner.handler import RUN_LOCK, handle
+from services.action_runner.handler import RUN_LOCK, handle_trigger_event
 from services.action_runner.mailer import Mail, MailRejectedError, MailTransientError, SmtpMailer
 from shared.handling import RetryableError
 from shared.events import (
@@ -97,7 +97,7 @@ def settings(**overrides) -> Settings:
 
 
 def run(world, envelope, mailer, api=None, **overrides):
-    return handle(envelope, engine=world, mailer=mailer, hasoffers=api, settings=settings(**overrides))
+    return handle_trigger_event(envelope, engine=world, mailer=mailer, hasoffers=api, settings=settings(**overrides))
 
 
 def one_action(world, *kinds, conditions=((TRIGGER, "PROBLEM"),), active=True, **templates):

@@ -15,7 +15,8 @@ import pytest
 from sqlalchemy import text
 
 from shared.rabbitmq import queue_names
-from shared.events import METRIC_KEYS, METRIC_LOAD_REQUESTED, MetricLoadRequested, new_event
+from shared.events import METRIC_LOAD_REQUESTED, MetricLoadRequested, new_event
+from shared.vocabulary import METRIC_KEYS
 from testkit.fake_hasoffers.network import Network, generate
 from testkit.fake_hasoffers.server import FakeHasOffers
 from testkit.waiting import wait_for

@@ -53,15 +53,14 @@ from shared.db import (
     TriggerCheck,
     TriggerState,
 )
-from shared.db import TriggerEvent as TriggerEventRow
+from shared.db import TriggerEvent
 from shared.events import (
     OPERATION_EXECUTED,
-    TRIGGER_EVENT_OK,
-    TRIGGER_EVENT_PROBLEM,
+    TRIGGER_EVENT_TYPES,
     Envelope,
     InvalidMessageError,
     OperationExecuted,
-    TriggerEvent,
+    TriggerEventMessage,
     encode,
     new_event,
     parse_data,
@@ -72,7 +71,6 @@ from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-STATUS_OF_TYPE = {TRIGGER_EVENT_PROBLEM: "PROBLEM", TRIGGER_EVENT_OK: "OK"}
 MAX_ERROR = 1000
 
 
@@ -84,7 +82,7 @@ class RunResult:
     reason: str = ""
 
 
-def handle(envelope: Envelope, delivery: Delivery | None = None, *, engine: Engine, mailer: Mailer,
+def handle_trigger_event(envelope: Envelope, delivery: Delivery | None = None, *, engine: Engine, mailer: Mailer,
            hasoffers: HasOffersClient | None, settings: Settings) -> HandlerResult:
     message = _validate(envelope)
     delivery = delivery or Delivery(max_attempts=settings.kpi_retry_limit + 1)
@@ -118,16 +116,16 @@ def handle(envelope: Envelope, delivery: Delivery | None = None, *, engine: Engi
     return HandlerResult(notices=notices)
 
 
-def _validate(envelope: Envelope) -> TriggerEvent:
+def _validate(envelope: Envelope) -> TriggerEventMessage:
     event = parse_data(envelope)
-    if not isinstance(event, TriggerEvent):
+    if not isinstance(event, TriggerEventMessage):
         raise InvalidMessageError(f"action_runner does not handle {envelope.type}")
-    if STATUS_OF_TYPE[envelope.type] != event.status:
+    if TRIGGER_EVENT_TYPES[event.status] != envelope.type:
         raise InvalidMessageError(f"a {envelope.type} event with status {event.status}")
     return event
 
 
-def recorded_event(conn: Connection, message: TriggerEvent) -> TriggerEvent:
+def recorded_event(conn: Connection, message: TriggerEventMessage) -> TriggerEventMessage:
     """The trigger event as trigger_events recorded it: the message only names it.
 
     Anyone who can publish can send a trigger.event.*; what goes into an email or a
@@ -136,7 +134,7 @@ def recorded_event(conn: Connection, message: TriggerEvent) -> TriggerEvent:
     trigger_events, so without the row no run can be recorded; a row that names another
     pair or status than the message means the message is not ours.
     """
-    e, c = TriggerEventRow, TriggerCheck
+    e, c = TriggerEvent, TriggerCheck
     row = conn.execute(
         select(e.trigger_id, e.offer_id, e.affiliate_id, e.status, e.previous_status, Trigger.name,
                func.coalesce(e.value, c.value).label("value"), func.coalesce(e.threshold, c.threshold).label("threshold"),
@@ -156,7 +154,7 @@ def recorded_event(conn: Connection, message: TriggerEvent) -> TriggerEvent:
         )
     # Built without validation: these are our own rows (value may be NULL in rows older
     # than migration 0002 whose check is gone).
-    return TriggerEvent.model_construct(
+    return TriggerEventMessage.model_construct(
         trigger_event_id=message.trigger_event_id, trigger_id=row.trigger_id, trigger_name=row.name,
         offer_id=row.offer_id, affiliate_id=row.affiliate_id, previous_status=row.previous_status,
         status=row.status, value=row.value, threshold=row.threshold, measured_at=row.measured_at,
@@ -164,7 +162,7 @@ def recorded_event(conn: Connection, message: TriggerEvent) -> TriggerEvent:
     )
 
 
-def firing_actions(event: TriggerEvent) -> Select[tuple[int]]:
+def firing_actions(event: TriggerEventMessage) -> Select[tuple[int]]:
     """Active actions with a condition (T, S) all of whose conditions hold for the pair.
 
     A condition on the event's own trigger is judged by the event (it holds only for
@@ -187,7 +185,7 @@ def firing_actions(event: TriggerEvent) -> Select[tuple[int]]:
     return select(Action.id).where(Action.active, own, ~unmet)
 
 
-def _ensure_runs(conn: Connection, event: TriggerEvent) -> list[tuple[int, str]]:
+def _ensure_runs(conn: Connection, event: TriggerEventMessage) -> list[tuple[int, str]]:
     # Two replicas with the same event must not both evaluate the conditions: if
     # trigger_states changed in between, their union would run more than either decided.
     conn.execute(text("SELECT pg_advisory_xact_lock(hashtextextended('action_runner.trigger_event:' || :id, 0))"),
@@ -213,7 +211,7 @@ def _ensure_runs(conn: Connection, event: TriggerEvent) -> list[tuple[int, str]]
     return _runs_of(conn, event.trigger_event_id)
 
 
-def episode_of(conn: Connection, event: TriggerEvent, action_id: int) -> str:
+def episode_of(conn: Connection, event: TriggerEventMessage, action_id: int) -> str:
     """Names the episode in which all the action's conditions hold: for each condition,
     its trigger and when its status began (the event's own measured_at for the event's
     trigger, the state's `since` for the others). Two events that complete the same
@@ -233,7 +231,7 @@ def episode_of(conn: Connection, event: TriggerEvent, action_id: int) -> str:
     return ";".join(parts)
 
 
-def _claim_episode(conn: Connection, event: TriggerEvent, action_id: int) -> bool:
+def _claim_episode(conn: Connection, event: TriggerEventMessage, action_id: int) -> bool:
     """True when this event is the one that fires the action for its episode.
 
     A second event completing the same conjunction (the other condition's change) finds
@@ -264,7 +262,7 @@ def _runs_of(conn: Connection, trigger_event_id: int) -> list[tuple[int, str]]:
     )]
 
 
-def _facts(conn: Connection, event_id: str, event: TriggerEvent) -> EventFacts:
+def _facts(conn: Connection, event_id: str, event: TriggerEventMessage) -> EventFacts:
     metric = conn.execute(select(Trigger.metric_key).where(Trigger.id == event.trigger_id)).scalar_one()
     offer = conn.execute(select(Offer.name, Offer.require_approval).where(Offer.id == event.offer_id)).first()
     return EventFacts(event_id=event_id, event=event, metric=metric,
@@ -377,7 +375,7 @@ def _finish(conn: Connection, run_id: int, outcome: Outcome, *, last_error: str 
     conn.execute(update(OperationRun).where(OperationRun.id == run_id).values(**values))
 
 
-def _notices(engine: Engine, envelope: Envelope, event: TriggerEvent) -> list[Envelope]:
+def _notices(engine: Engine, envelope: Envelope, event: TriggerEventMessage) -> list[Envelope]:
     with engine.connect() as conn:
         rows = conn.execute(
             select(OperationRun.id, OperationRun.action_id, OperationRun.operation_id, OperationRun.kind,

@@ -18,14 +18,15 @@ from typing import Any
 
 from sqlalchemy import Engine, text
 
-from services.metric_loader import metrics, reference, runs
-from services.metric_loader.metrics import OfferSettings, Totals
+from services.metric_loader import computation, reference, runs
+from services.metric_loader.computation import OfferSettings, Totals
 from shared.events import (
-    MAX_BATCH, METRIC_LOADED, REFERENCE, Envelope, MetricLoaded, MetricLoadRequested, encode, new_event,
+    MAX_BATCH, METRIC_LOADED, Envelope, MetricLoaded, MetricLoadRequested, encode, new_event,
     parse_data, stable_event_id,
 )
 from shared.handling import DeadLetter, Delivery, HandlerResult
 from shared.hasoffers import HasOffersClient, HasOffersError
+from shared.vocabulary import REFERENCE
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ class NotConfiguredError(HasOffersError):
     """No HasOffers credentials: every load fails with this reason."""
 
 
-def handle(envelope: Envelope, delivery: Delivery | None = None, *, engine: Engine,
+def handle_load_requested(envelope: Envelope, delivery: Delivery | None = None, *, engine: Engine,
            client: HasOffersClient | None, config: LoaderConfig) -> HandlerResult:
     request: MetricLoadRequested = parse_data(envelope)
     event_id = str(envelope.event_id)
@@ -126,11 +127,11 @@ def load_metric(engine: Engine, client: HasOffersClient, config: LoaderConfig, m
         offers = {i: o for i, o in offers.items() if i in capped}
     totals = Totals(sums={})
     if offers:
-        start, end = metrics.window(measured_at, lookback_hours)
-        for period in metrics.window_filters(start, end):
-            params = metrics.report_params(metric_key, period, offers)
-            metrics.accumulate(totals, metric_key, client.get_stats(params, page_size=config.page_size), offers)
-    return totals.rows, metrics.values(metric_key, totals, offers, caps, lookback_hours, config.click_cost)
+        start, end = computation.window(measured_at, lookback_hours)
+        for period in computation.window_filters(start, end):
+            params = computation.report_params(metric_key, period, offers)
+            computation.accumulate(totals, metric_key, client.get_stats(params, page_size=config.page_size), offers)
+    return totals.rows, computation.values(metric_key, totals, offers, caps, lookback_hours, config.click_cost)
 
 
 MONITORED_SQL = """

@@ -25,6 +25,7 @@ from sqlalchemy.dialects.postgresql import insert
 
 from shared.db import Affiliate, AffiliateUser, Category, ConversionCap, Employee, Goal, Offer, OfferCategory
 from shared.hasoffers import HasOffersClient, HasOffersResponseError
+from shared.vocabulary import INT4_MAX
 
 logger = logging.getLogger(__name__)
 
@@ -78,13 +79,9 @@ def _model(record: Mapping[str, Any], model: str) -> Mapping[str, Any]:
     return body
 
 
-# Ids are `integer` columns: anything else cannot be stored.
-MAX_ID = 2**31 - 1
-
-
 def _id(body: Mapping[str, Any], name: str, model: str, lowest: int = 1) -> int:
     raw = str(body.get(name)).strip()
-    if not (raw.isascii() and raw.isdigit() and 0 < len(raw) <= 10 and lowest <= int(raw) <= MAX_ID):
+    if not (raw.isascii() and raw.isdigit() and 0 < len(raw) <= 10 and lowest <= int(raw) <= INT4_MAX):
         raise HasOffersResponseError(f"{model}: {name} is not {'an id' if lowest else 'a count'}: {raw[:40]!r}")
     return int(raw)
 

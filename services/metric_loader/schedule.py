@@ -23,9 +23,8 @@ from datetime import datetime, timezone
 from sqlalchemy import Engine, text
 
 from shared.rabbitmq import CONNECTION_ERRORS, Bus, PublishError
-from shared.events import (
-    METRIC_KEYS, METRIC_LOAD_REQUESTED, REFERENCE, Envelope, MetricLoadRequested, new_event, stable_event_id,
-)
+from shared.events import METRIC_LOAD_REQUESTED, Envelope, MetricLoadRequested, new_event, stable_event_id
+from shared.vocabulary import METRIC_KEYS, REFERENCE
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from datetime import datetime, timedelta, timezone
 
 from shared.events import (
     METRIC_LOAD_REQUESTED, METRIC_LOADED, TRIGGER_CHECKED, TRIGGER_EVENT_OK, TRIGGER_EVENT_PROBLEM, CheckItem,
-    Envelope, MetricLoadRequested, TriggerChecked, TriggerEvent, encode, new_event, stable_event_id,
+    Envelope, MetricLoadRequested, TriggerChecked, TriggerEventMessage, encode, new_event, stable_event_id,
 )
 from testkit.fake_hasoffers.network import generate
 from testkit.fault_suite import model as fm
@@ -245,7 +245,7 @@ class Scenario:
             return raw("event_detector", TRIGGER_CHECKED, b"\xff\xfe not even UTF-8")
         if kind in ("event: unknown trigger event", "event: status does not match the type"):
             unknown = kind == "event: unknown trigger event"
-            data = TriggerEvent(trigger_event_id=2_000_000_000 if unknown else 1, trigger_id=fm.MIN_CR,
+            data = TriggerEventMessage(trigger_event_id=2_000_000_000 if unknown else 1, trigger_id=fm.MIN_CR,
                                 trigger_name="min CR", offer_id=1, affiliate_id=1, previous_status="OK",
                                 status="PROBLEM", value=0.001, threshold=0.005, measured_at=stamp, check_id=1)
             event = new_event(TRIGGER_EVENT_PROBLEM if unknown else TRIGGER_EVENT_OK, data,
@@ -286,7 +286,7 @@ class Scenario:
             " e.threshold, e.measured_at, e.check_id FROM trigger_events e JOIN triggers t ON t.id = e.trigger_id"
             " ORDER BY random() LIMIT 60")
         for e in events:
-            data = TriggerEvent(trigger_event_id=e.id, trigger_id=e.trigger_id, trigger_name=e.name,
+            data = TriggerEventMessage(trigger_event_id=e.id, trigger_id=e.trigger_id, trigger_name=e.name,
                                 offer_id=e.offer_id, affiliate_id=e.affiliate_id, previous_status=e.previous_status,
                                 status=e.status, value=e.value, threshold=e.threshold, measured_at=e.measured_at,
                                 check_id=e.check_id)
