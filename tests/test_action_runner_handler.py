@@ -10,7 +10,8 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import text
 
-from services.action_runner.handler import RUN_LOCK, handle_trigger_event
+from services.action_runner.execution import RUN_LOCK
+from services.action_runner.handler import handle_trigger_event
 from services.action_runner.mailer import Mail, MailRejectedError, MailTransientError, SmtpMailer
 from shared.handling import RetryableError
 from shared.events import (
