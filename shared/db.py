@@ -28,6 +28,8 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     func,
+    literal,
+    select,
     text,
 )
 from sqlalchemy.exc import OperationalError
@@ -397,7 +399,7 @@ def wait_for_database(engine: Engine, attempts: int, delay: float = 1.0) -> None
     for attempt in range(1, attempts + 1):
         try:
             with engine.connect() as conn:
-                conn.execute(text("SELECT 1"))
+                conn.execute(select(literal(1)))
             return
         except OperationalError as exc:
             reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__

@@ -40,6 +40,7 @@ from shared.events import (
 from shared.handling import Delivery, RetryableError
 from shared.hasoffers import HasOffersClient
 from shared.settings import Settings
+from shared.sql import connection
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def run_once(engine: Engine, run_id: int, facts: EventFacts, delivery: Delivery,
     attempt before the side effect, so an attempt that ends in a crash still counts and
     a run that keeps crashing its process gives up after KPI_RETRY_LIMIT + 1 attempts.
     """
-    with engine.connect() as conn:
+    with connection(engine) as conn:
         if not conn.execute(select(func.pg_try_advisory_lock(RUN_LOCK, run_id))).scalar_one():
             conn.rollback()
             # Another replica holds it. Its delivery normally finishes it, but that delivery may
@@ -170,7 +171,7 @@ def _finish(conn: Connection, run_id: int, outcome: Outcome, *, last_error: str 
 
 def notices(engine: Engine, envelope: Envelope, event: TriggerEventMessage) -> list[Envelope]:
     """An operation.executed for every final run of the event, the same ids every time."""
-    with engine.connect() as conn:
+    with connection(engine) as conn:
         rows = conn.execute(
             select(OperationRun.id, OperationRun.action_id, OperationRun.operation_id, OperationRun.kind,
                    OperationRun.status, OperationRun.detail)

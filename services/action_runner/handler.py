@@ -24,6 +24,7 @@ from shared.events import TRIGGER_EVENT_TYPES, Envelope, InvalidMessageError, Tr
 from shared.handling import DeadLetter, Delivery, HandlerResult, RetryableError
 from shared.hasoffers import HasOffersClient
 from shared.settings import Settings
+from shared.sql import transaction
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ def handle_trigger_event(envelope: Envelope, delivery: Delivery | None = None, *
     message = _validate(envelope)
     delivery = delivery or Delivery(max_attempts=settings.kpi_retry_limit + 1)
     event_id = str(envelope.event_id)
-    with engine.begin() as conn:
+    with transaction(engine) as conn:
         event = recorded_event(conn, message)
         runs = firing.ensure_runs(conn, event)
         facts = execution.event_facts(conn, event_id, event)

@@ -25,6 +25,7 @@ from sqlalchemy.dialects.postgresql import insert
 
 from shared.db import Affiliate, AffiliateUser, Category, ConversionCap, Employee, Goal, Offer, OfferCategory
 from shared.hasoffers import HasOffersClient, HasOffersResponseError
+from shared.sql import connection, transaction
 from shared.vocabulary import INT4_MAX
 
 logger = logging.getLogger(__name__)
@@ -162,7 +163,7 @@ def _record(data: ReferenceData, model: str) -> Iterator[None]:
 
 def _cap_offers(engine: Engine, offers: Iterable[dict[str, Any]]) -> list[int]:
     """Active offers with monitoring on (new offers get monitoring on by default)."""
-    with engine.connect() as conn:
+    with connection(engine) as conn:
         off = set(conn.scalars(select(Offer.id).where(Offer.monitoring.is_(False))))
     return [o["id"] for o in offers if o["status"] == "active" and o["id"] not in off]
 
@@ -182,7 +183,7 @@ def _caps(client: HasOffersClient, offer_id: int, data: ReferenceData) -> list[d
 
 
 def store(engine: Engine, data: ReferenceData) -> None:
-    with engine.begin() as conn:
+    with transaction(engine) as conn:
         # Offers first: offer_categories refers to them.
         _upsert(conn, Offer, list(data.offers.values()), ["name", "status", "require_approval"],
                 updated_at=func.now())
