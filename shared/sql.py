@@ -1,4 +1,7 @@
-"""Set-based SQL helpers shared by the handlers that write in bulk.
+"""How the services talk SQL: every transaction through `transaction` (and a session
+that commits step by step, or only reads, through `connection`); statements are
+select()/insert()/update() on the models of shared.db, and the bulk paths use the
+set-based helpers below.
 
 A batch goes to PostgreSQL as one array per column and comes back as rows through
 `unnest`, so a statement costs one round trip whatever the batch size, and its text

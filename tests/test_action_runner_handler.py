@@ -296,7 +296,7 @@ def test_two_replicas_with_the_same_event_send_once(world):
 
 
 def test_a_run_held_by_a_delivery_that_is_then_lost_is_not_stranded(world, mailer):
-    # Found by scripts/fault_suite.py: replica A held a run when RabbitMQ restarted, so the
+    # Found by the fault suite: replica A held a run when RabbitMQ restarted, so the
     # broker handed A's delivery to replica B, which found the run locked and acked. A then
     # finished the run but had no delivery left to announce it; had A's attempt failed (or
     # had A died), the run would have stayed pending for good.
