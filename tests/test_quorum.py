@@ -123,3 +123,21 @@ def test_both_queue_types_run_the_pipeline(db, exchange, start_service, queue_ty
         bus.close()
     with db.connect() as conn:
         assert conn.execute(text("SELECT status FROM trigger_states")).scalar_one() == "PROBLEM"
+
+
+def test_several_amqp_urls_are_tried_in_turn(exchange):
+    """AMQP_URL lists the nodes of a cluster: a node that does not answer is skipped."""
+    from shared.rabbitmq.topology import redact_url
+
+    nobody = "amqp://guest:secret@127.0.0.1:1/%2F"
+    bus = Bus(f"{nobody}, {AMQP_URL}", exchange).connect()
+    try:
+        assert bus.connected_url == redact_url(AMQP_URL)
+        bus.publish(metric_loaded())
+        assert bus.queue_depth(queue_names(exchange, "trigger_checker").work) == 1
+    finally:
+        bus.close()
+    assert redact_url(f"{nobody},{AMQP_URL}") == f"amqp://guest:***@127.0.0.1:1/%2F,{redact_url(AMQP_URL)}"
+    with pytest.raises(Exception) as failed:
+        Bus(nobody, exchange).connect_with_retry(attempts=1)
+    assert "secret" not in str(failed.value)
