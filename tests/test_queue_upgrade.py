@@ -4,7 +4,6 @@ queues of the other type says so in one line instead of retrying."""
 
 from __future__ import annotations
 
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 
