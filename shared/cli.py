@@ -7,6 +7,8 @@
     kpi triggers                     triggers with their thresholds
     kpi dead list SERVICE            what is in a service's dead queue, and why
     kpi dead replay SERVICE          put dead letters back on the exchange
+    kpi web [--host H] [--port P]    the operators' console (HTTP Basic: KPI_WEB_USER, KPI_WEB_PASSWORD)
+    kpi queues upgrade               redeclare the queues as configured (classic -> quorum)
 
 Exit codes: 0 ok, 2 bad arguments or input, 3 RabbitMQ or PostgreSQL unreachable.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,10 +28,13 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from shared import migrate
 from shared.rabbitmq import (
-    SERVICE_BINDINGS, BrokerUnavailableError, Bus, dead_letter_count, read_dead_letters, replay_dead_letters,
+    CONNECTION_ERRORS, SERVICE_BINDINGS, BrokerUnavailableError, Bus, QueueMismatchError, dead_letter_count,
+    read_dead_letters, replay_dead_letters,
 )
+from shared.rabbitmq.migration import UpgradeError, upgrade_queues
 from shared.db import Trigger, TriggerState, TriggerThreshold, make_engine
 from shared.events import METRIC_LOAD_REQUESTED, MetricLoadRequested, new_event
+from shared.service import queue_options
 from shared.settings import Settings
 from shared.sql import run_script
 from shared.vocabulary import METRIC_KEYS, REFERENCE
@@ -55,12 +61,15 @@ def _engine(settings: Settings) -> Engine:
     return engine
 
 
-def _bus(settings: Settings) -> Bus:
-    bus = Bus(settings.amqp_url.get_secret_value(), settings.kpi_exchange, name="hasoffers-kpi cli")
+def _bus(settings: Settings, declare: bool = True) -> Bus:
+    bus = Bus(settings.amqp_url.get_secret_value(), settings.kpi_exchange, name="hasoffers-kpi cli",
+              queues=queue_options(settings))
     try:
-        return bus.connect_with_retry(attempts=2, delay=0.5)
+        return bus.connect_with_retry(attempts=2, delay=0.5, declare=declare)
     except BrokerUnavailableError as exc:
         raise CliError(str(exc), EXIT_UNREACHABLE) from None
+    except QueueMismatchError as exc:
+        raise CliError(str(exc)) from None
 
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> None:
@@ -185,6 +194,42 @@ def cmd_dead(settings: Settings, args: argparse.Namespace) -> None:
             print(f"replayed {moved} message(s) from {bus.exchange}.{args.service}.dead")
 
 
+def cmd_web(settings: Settings, args: argparse.Namespace) -> None:
+    from shared.console import server
+    from shared.logs import configure_logging
+
+    if not 0 < args.port < 65536:
+        raise CliError(f"--port must be from 1 to 65535, not {args.port}")
+    try:
+        credentials = server.credentials_for(settings, args.host, args.no_auth)
+    except server.ConsoleConfigError as exc:
+        raise CliError(str(exc)) from None
+    _engine(settings).dispose()
+    configure_logging("console", settings.kpi_log_level, settings.kpi_log_json)
+    server.serve(settings, server.console_engine(settings), args.host, args.port, credentials)
+
+
+def cmd_queues(settings: Settings, args: argparse.Namespace) -> None:
+    # The upgrade finds what differs by declarations the broker refuses: not warnings.
+    logging.getLogger("pika").setLevel(logging.CRITICAL)
+    bus = _bus(settings, declare=False)
+    try:
+        report = upgrade_queues(bus)
+    except UpgradeError as exc:
+        raise CliError(str(exc)) from None
+    except CONNECTION_ERRORS as exc:
+        raise CliError(f"RabbitMQ went away during the upgrade ({type(exc).__name__}: {exc}); run it again: "
+                       "it goes on where it stopped", EXIT_UNREACHABLE) from None
+    finally:
+        bus.close()
+    for queue in report.queues:
+        change = "as configured" if queue.change is None else f"redeclared ({queue.change})"
+        moved = f", {queue.moved} message(s) kept" if queue.moved else ""
+        print(f"{queue.queue}: {change}{moved}")
+    print(f"queues of {bus.exchange}: {bus.queues.describe()}; {len(report.changed)} redeclared, "
+          f"{sum(q.moved for q in report.queues)} message(s) moved")
+
+
 def _num(value: float | None) -> str:
     return "" if value is None else f"{value:g}"
 
@@ -220,6 +265,15 @@ def parser() -> argparse.ArgumentParser:
     dead.add_argument("--limit", type=int, default=None)
     dead.add_argument("--json", action="store_true")
     dead.set_defaults(run=cmd_dead)
+    web = sub.add_parser("web", help="serve the operators' console")
+    web.add_argument("--host", default="127.0.0.1")
+    web.add_argument("--port", type=int, default=8080)
+    web.add_argument("--no-auth", action="store_true", help="no authentication (only with --host 127.0.0.1)")
+    web.set_defaults(run=cmd_web)
+    queues = sub.add_parser("queues", help="redeclare the queues as configured (KPI_QUEUE_TYPE, KPI_DELIVERY_LIMIT), "
+                                           "moving their messages; stop the services first")
+    queues.add_argument("action", choices=["upgrade"])
+    queues.set_defaults(run=cmd_queues)
     return p
 
 

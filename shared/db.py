@@ -322,6 +322,14 @@ class TriggerState(Base):
     updated_at: Mapped[datetime] = mapped_column(TZ, server_default=func.now())
 
 
+# The console's problems page: PROBLEM states newest first (migration 0006).
+Index(
+    "ix_trigger_states_problem_since",
+    TriggerState.since.desc(), TriggerState.trigger_id, TriggerState.offer_id, TriggerState.affiliate_id,
+    postgresql_where=TriggerState.status == "PROBLEM",
+)
+
+
 class TriggerEvent(Base):
     __tablename__ = "trigger_events"
     __table_args__ = (

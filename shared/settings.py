@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -11,8 +13,15 @@ class Settings(BaseSettings):
 
     # Connections. URLs may carry passwords, so they are secrets too.
     database_url: SecretStr = SecretStr("postgresql+psycopg2://postgres@127.0.0.1:5432/kpi")
+    # One URL, or the nodes of a cluster comma-separated (tried in turn).
     amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/%2F")
     kpi_exchange: str = Field("kpi.events", min_length=1, max_length=200)
+    # Queues (shared/rabbitmq/topology.py). Every process of a deployment must agree;
+    # `kpi queues upgrade` moves existing queues to new settings.
+    kpi_queue_type: Literal["quorum", "classic"] = "quorum"
+    # Returns of a message to a quorum work queue (its consumer crashed or lost its
+    # connection) before RabbitMQ dead-letters it.
+    kpi_delivery_limit: int = Field(20, ge=1, le=1_000_000)
 
     # HasOffers
     hasoffers_base_url: str = "https://api.hasoffers.com/Apiv3/json"
@@ -57,3 +66,7 @@ class Settings(BaseSettings):
     # Schedule: seconds between loads of every metric, and of the reference data; 0 = off.
     kpi_schedule_metrics_seconds: int = Field(0, ge=0)
     kpi_schedule_reference_seconds: int = Field(0, ge=0)
+
+    # The operators' console (`kpi web`): HTTP Basic credentials.
+    kpi_web_user: str | None = None
+    kpi_web_password: SecretStr | None = None

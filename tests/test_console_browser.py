@@ -1,0 +1,157 @@
+"""The console in a real browser: Debian's chromium driven by Playwright (the system's
+executable; Playwright downloads no browser). scripts/ensure-browser.sh installs chromium
+where it is missing (CI runs it); without one these tests are skipped, saying so."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from pydantic import SecretStr
+from sqlalchemy import text
+
+from shared import migrate
+from shared.console.app import create_app
+from shared.console.security import Credentials
+from shared.console.server import console_engine
+from shared.db import make_engine
+from shared.rabbitmq import Bus
+from shared.settings import Settings
+from testkit.broker import delete_topology_at
+from testkit.console import CHROMIUM_ARGS, chromium_path, running_console
+from testkit.console_world import seed_console_world
+from testkit.database import create_database, drop_database
+from tests.support import AMQP_URL, PG_ADMIN_URL
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[test]')")
+
+CHROMIUM = chromium_path()
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="no chromium on this machine: run scripts/ensure-browser.sh (apt-get install chromium) or set "
+           "KPI_TEST_CHROMIUM to a chromium executable",
+)
+
+USER, PASSWORD = "ops", "browser test password"
+ROUNDS = 48
+
+
+@dataclass
+class Served:
+    base: str
+    trigger_id: int
+    offer_id: int
+    affiliate_id: int
+    changes: int   # state changes of (trigger, pair)
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[Served]:
+    name = f"kpi_browser_{uuid.uuid4().hex[:10]}"
+    url = create_database(PG_ADMIN_URL, name)
+    exchange = f"kpi.test.browser.{uuid.uuid4().hex[:8]}"
+    engine = make_engine(url)
+    console = None
+    try:
+        migrate.upgrade(url)
+        with engine.begin() as conn:
+            seed_console_world(conn, offers=8, affiliates=6, rounds=ROUNDS)
+            trigger_id, offer_id, affiliate_id = conn.execute(text(
+                "SELECT trigger_id, offer_id, affiliate_id FROM trigger_states WHERE status = 'PROBLEM' "
+                "ORDER BY since DESC, trigger_id, offer_id, affiliate_id LIMIT 1")).one()
+            changes = conn.execute(text(
+                "SELECT count(*) FROM trigger_events WHERE trigger_id = :t AND offer_id = :o AND affiliate_id = :a"),
+                {"t": trigger_id, "o": offer_id, "a": affiliate_id}).scalar_one()
+        console = console_engine(Settings(database_url=SecretStr(url)))
+        app = create_app(console, credentials=Credentials(USER, PASSWORD),
+                         bus_factory=lambda: Bus(AMQP_URL, exchange).connect())
+        with running_console(app) as base:
+            yield Served(base, trigger_id, offer_id, affiliate_id, changes)
+    finally:
+        if console is not None:
+            console.dispose()
+        engine.dispose()
+        drop_database(PG_ADMIN_URL, name)
+        delete_topology_at(AMQP_URL, exchange)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def test_without_valid_credentials_the_browser_is_not_let_in(served, browser):
+    for credentials in [None, {"username": USER, "password": "wrong"}]:
+        context = browser.new_context(http_credentials=credentials)
+        try:
+            page = context.new_page()
+            # Headless chromium answers the challenge with what it was given and shows the
+            # 401, or, given nothing, cancels the navigation.
+            try:
+                response = page.goto(served.base + "/")
+                assert response.status == 401 and "Pairs in PROBLEM" not in response.text()
+            except sync_api.Error as exc:
+                assert "ERR_INVALID_AUTH_CREDENTIALS" in str(exc)
+            response = context.request.get(served.base + "/")
+            assert response.status == 401 and response.headers["www-authenticate"].startswith("Basic")
+            assert "Pairs in PROBLEM" not in response.text()
+        finally:
+            context.close()
+
+
+def test_log_in_find_a_pair_in_problem_and_its_chart(served, browser):
+    context = browser.new_context(http_credentials={"username": USER, "password": PASSWORD},
+                                  viewport={"width": 1360, "height": 900})
+    page = context.new_page()
+    problems = []  # anything the browser complains about: CSP violations, failed loads, errors
+    page.on("console", lambda message: problems.append(message.text) if message.type in ("error", "warning") else None)
+    page.on("requestfailed", lambda request: problems.append(f"failed: {request.url}"))
+    try:
+        response = page.goto(served.base + "/")
+        assert response.status == 200
+        expect = sync_api.expect
+        expect(page.locator("h1")).to_contain_text("Pairs in PROBLEM")
+
+        # Narrow the table to the trigger with the filter form, then find the pair's row.
+        page.select_option("select[name=trigger]", str(served.trigger_id))
+        page.click("form.filters button[type=submit]")
+        page.wait_for_url(f"**/?trigger={served.trigger_id}*")
+        rows = page.locator("table.problems tbody tr")
+        expect(rows.first).to_be_visible()
+        assert set(rows.evaluate_all("rows => rows.map(r => r.dataset.triggerId)")) == {str(served.trigger_id)}
+        row = page.locator(f'tr[data-offer-id="{served.offer_id}"][data-affiliate-id="{served.affiliate_id}"]'
+                           f'[data-trigger-id="{served.trigger_id}"]')
+        expect(row).to_have_count(1)
+        expect(row.locator(".badge-problem, .value-problem")).to_have_count(1)
+
+        row.locator("a.open").click()
+        page.wait_for_url(f"**/pairs/{served.offer_id}/{served.affiliate_id}")
+        chart = page.locator(f"#trigger-{served.trigger_id} svg.chart")
+        expect(chart).to_be_visible()
+        expect(chart.locator("circle.pt")).to_have_count(ROUNDS)
+        expect(chart.locator("g.change")).to_have_count(served.changes)
+        assert served.changes >= 1
+        assert chart.get_attribute("data-points") == str(ROUNDS)
+        assert chart.get_attribute("data-changes") == str(served.changes)
+        expect(chart.locator("g.change-problem")).not_to_have_count(0)  # the pair is in PROBLEM now
+        expect(chart.locator("rect.problem-band")).not_to_have_count(0)
+        assert "→ PROBLEM" in chart.locator("g.change-problem title").last.text_content()
+
+        # Drawn as designed: the stylesheet applies under the CSP, the chart fills the card.
+        box = chart.bounding_box()
+        assert box["width"] > 900 and box["height"] > 250
+        stroke = chart.locator("polyline.value-line").evaluate("line => getComputedStyle(line).stroke")
+        assert stroke == "rgb(37, 99, 235)"
+        expect(page.locator(f"#trigger-{served.trigger_id} .badge-problem").first).to_be_visible()
+
+        # The checks behind the chart, one click away.
+        page.locator(f"#trigger-{served.trigger_id} details.checks summary").click()
+        expect(page.locator(f"#trigger-{served.trigger_id} details.checks tbody tr")).to_have_count(20)
+        assert problems == []
+    finally:
+        context.close()
