@@ -394,8 +394,11 @@ def test_dead_letters_are_listed_without_being_consumed(console, exchange):
         bus.close()
     services = {s["service"]: s for s in api["services"]}
     assert services["trigger_checker"]["count"] == 3 and services["metric_loader"]["count"] == 0
-    assert [d["message_id"] for d in services["trigger_checker"]["letters"]] == ["m-0", "m-1", "m-2"]
-    assert services["trigger_checker"]["letters"][1]["reason"] == "data.metrics.1.value: NaN <script>x</script>"
+    # A quorum queue puts what a peek hands back at its end: the order of a dead queue is
+    # not kept, only its content.
+    letters = {d["message_id"]: d for d in services["trigger_checker"]["letters"]}
+    assert sorted(letters) == ["m-0", "m-1", "m-2"]
+    assert letters["m-1"]["reason"] == "data.metrics.1.value: NaN <script>x</script>"
     section = re.search(r'data-service="trigger_checker".*?</section>', html, re.S).group(0)
     assert "the first 2 shown" in section and "m-1" in section and "m-2" not in section
     assert "NaN &lt;script&gt;x&lt;/script&gt;" in section and "<script>x" not in html
