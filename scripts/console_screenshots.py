@@ -17,7 +17,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from playwright.sync_api import sync_playwright
-from sqlalchemy import text
+from sqlalchemy import Engine, text
 
 from shared.console.app import create_app
 from shared.console.security import Credentials
@@ -25,7 +25,7 @@ from shared.db import make_engine
 from testkit import ROOT
 from testkit.console import CHROMIUM_ARGS, chromium_path, running_console
 from testkit.console_world import seed_console_world
-from testkit.database import admin_url, drop_database, migrated_database
+from testkit.database import admin_url, temporary_database
 
 USER, PASSWORD = "ops", uuid.uuid4().hex
 
@@ -37,39 +37,41 @@ def main() -> int:
     chromium = chromium_path()
     if chromium is None:
         raise SystemExit("no chromium: run scripts/ensure-browser.sh")
-    name = f"kpi_shots_{uuid.uuid4().hex[:8]}"
-    pg_admin = admin_url("TEST_PG_ADMIN_URL")
-    engine = make_engine(migrated_database(pg_admin, name))
-    try:
-        with engine.begin() as conn:
-            seed_console_world(conn, offers=30, affiliates=25, rounds=96, interval=timedelta(minutes=15))
-            # A pair in PROBLEM on 'min CR' whose offer x affiliate threshold came in halfway.
-            offer_id, affiliate_id = conn.execute(text("""
-                SELECT e.offer_id, e.affiliate_id FROM trigger_events e
-                JOIN trigger_states s ON (s.trigger_id, s.offer_id, s.affiliate_id) = (1, e.offer_id, e.affiliate_id)
-                WHERE e.trigger_id = 1 AND (e.offer_id * 31 + e.affiliate_id) % 17 = 0 AND s.status = 'PROBLEM'
-                GROUP BY 1, 2 ORDER BY count(*) DESC, 1, 2 LIMIT 1
-            """)).one()
-        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            conn.execute(text("VACUUM ANALYZE"))
-        app = create_app(engine, credentials=Credentials(USER, PASSWORD), bus_factory=lambda: None)
-        out = Path(args.out)
-        with running_console(app) as base, sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
-            context = browser.new_context(http_credentials={"username": USER, "password": PASSWORD},
-                                          viewport={"width": 1360, "height": 940}, device_scale_factor=1)
-            page = context.new_page()
-            page.goto(base + "/")
-            page.screenshot(path=str(out / "console-problems.png"))
-            page.set_viewport_size({"width": 1360, "height": 1330})
-            page.goto(f"{base}/pairs/{offer_id}/{affiliate_id}")
-            page.screenshot(path=str(out / "console-pair.png"))
-            browser.close()
-        print(f"wrote {out / 'console-problems.png'} and {out / 'console-pair.png'} (pair {offer_id}/{affiliate_id})")
-        return 0
-    finally:
-        engine.dispose()
-        drop_database(pg_admin, name)
+    with temporary_database(admin_url("TEST_PG_ADMIN_URL"), "kpi_shots") as url:
+        engine = make_engine(url)
+        try:
+            return _photograph(engine, chromium, Path(args.out))
+        finally:
+            engine.dispose()
+
+
+def _photograph(engine: Engine, chromium: str, out: Path) -> int:
+    """Seed a day of history, serve the console and photograph two of its pages."""
+    with engine.begin() as conn:
+        seed_console_world(conn, offers=30, affiliates=25, rounds=96, interval=timedelta(minutes=15))
+        # A pair in PROBLEM on 'min CR' whose offer x affiliate threshold came in halfway.
+        offer_id, affiliate_id = conn.execute(text("""
+            SELECT e.offer_id, e.affiliate_id FROM trigger_events e
+            JOIN trigger_states s ON (s.trigger_id, s.offer_id, s.affiliate_id) = (1, e.offer_id, e.affiliate_id)
+            WHERE e.trigger_id = 1 AND (e.offer_id * 31 + e.affiliate_id) % 17 = 0 AND s.status = 'PROBLEM'
+            GROUP BY 1, 2 ORDER BY count(*) DESC, 1, 2 LIMIT 1
+        """)).one()
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text("VACUUM ANALYZE"))
+    app = create_app(engine, credentials=Credentials(USER, PASSWORD), bus_factory=lambda: None)
+    with running_console(app) as base, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
+        context = browser.new_context(http_credentials={"username": USER, "password": PASSWORD},
+                                      viewport={"width": 1360, "height": 940}, device_scale_factor=1)
+        page = context.new_page()
+        page.goto(base + "/")
+        page.screenshot(path=str(out / "console-problems.png"))
+        page.set_viewport_size({"width": 1360, "height": 1330})
+        page.goto(f"{base}/pairs/{offer_id}/{affiliate_id}")
+        page.screenshot(path=str(out / "console-pair.png"))
+        browser.close()
+    print(f"wrote {out / 'console-problems.png'} and {out / 'console-pair.png'} (pair {offer_id}/{affiliate_id})")
+    return 0
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -44,6 +45,17 @@ def delete_topology_at(url: str, exchange: str, also: Sequence[str] = ()) -> Non
     """delete_topology on a connection of its own."""
     with channel(url) as ch:
         delete_topology(ch, exchange, also)
+
+
+@contextmanager
+def temporary_exchange(url: str, prefix: str) -> Iterator[str]:
+    """A name `<prefix>.<random>` for an exchange of the block's own; whatever topology
+    was declared on it is deleted afterwards."""
+    exchange = f"{prefix}.{uuid.uuid4().hex[:10]}"
+    try:
+        yield exchange
+    finally:
+        delete_topology_at(url, exchange)
 
 
 def queue_depth(channel: BlockingChannel, queue: str) -> int:

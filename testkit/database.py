@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from sqlalchemy import text
 
@@ -40,6 +43,16 @@ def migrated_database(admin_url: str, name: str) -> str:
     url = create_database(admin_url, name)
     migrate.upgrade(url)
     return url
+
+
+@contextmanager
+def temporary_database(admin_url: str, prefix: str) -> Iterator[str]:
+    """A migrated database `<prefix>_<random>` for the block; dropped afterwards."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    try:
+        yield migrated_database(admin_url, name)
+    finally:
+        drop_database(admin_url, name)
 
 
 def drop_database(admin_url: str, name: str) -> None:

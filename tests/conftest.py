@@ -5,7 +5,6 @@ Everything runs against the real RabbitMQ and PostgreSQL on this machine.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -15,8 +14,8 @@ from sqlalchemy import Engine, text
 
 from shared.db import Base, make_engine
 from shared.rabbitmq import Bus
-from testkit.broker import delete_topology_at
-from testkit.database import drop_database, migrated_database
+from testkit.broker import temporary_exchange
+from testkit.database import temporary_database
 from testkit.processes import ServiceProcess
 from tests.support import AMQP_URL, PG_ADMIN_URL
 
@@ -44,9 +43,8 @@ def _check_services() -> None:
 @pytest.fixture(scope="session")
 def database_url() -> Iterator[str]:
     _check_services()
-    name = f"kpi_test_{uuid.uuid4().hex[:10]}"
-    yield migrated_database(PG_ADMIN_URL, name)
-    drop_database(PG_ADMIN_URL, name)
+    with temporary_database(PG_ADMIN_URL, "kpi_test") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -67,9 +65,8 @@ def db(engine: Engine) -> Engine:
 
 @pytest.fixture
 def exchange() -> Iterator[str]:
-    name = f"kpi.test.{uuid.uuid4().hex[:10]}"
-    yield name
-    delete_topology_at(AMQP_URL, name)
+    with temporary_exchange(AMQP_URL, "kpi.test") as name:
+        yield name
 
 
 @pytest.fixture
