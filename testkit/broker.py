@@ -1,8 +1,10 @@
-"""Exchanges and queues of their own: inspection and teardown on the local RabbitMQ."""
+"""Exchanges and queues of their own on the local RabbitMQ: a consumer to run in a test,
+inspection and teardown."""
 
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -11,11 +13,26 @@ from typing import Any
 import pika
 from pika.adapters.blocking_connection import BlockingChannel
 
-from shared.rabbitmq import SERVICE_BINDINGS, queue_names
+from shared.rabbitmq import SERVICE_BINDINGS, Consumer, queue_names
 
 
 def amqp_url(variable: str = "AMQP_URL") -> str:
     return os.environ.get(variable, "amqp://guest:guest@127.0.0.1:5672/%2F")
+
+
+@contextmanager
+def consuming(consumer: Consumer, stop_within: float = 30) -> Iterator[Consumer]:
+    """The consumer's loop on a thread of its own for the block, stopped afterwards, and
+    seen to stop within `stop_within` seconds."""
+    thread = threading.Thread(target=consumer.run, daemon=True)
+    thread.start()
+    assert consumer.ready.wait(10), "consumer did not connect"
+    try:
+        yield consumer
+    finally:
+        consumer.stop()
+        thread.join(stop_within)
+        assert not thread.is_alive(), f"the consumer did not stop within {stop_within:g}s"
 
 
 @contextmanager

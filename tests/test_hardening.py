@@ -13,8 +13,6 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import quote, quote_plus
@@ -27,6 +25,7 @@ from shared.handling import REASONS_KEY, Delivery, RetryableError
 from shared.hasoffers import HasOffersClient, HasOffersResponseError
 from shared.rabbitmq import H_HISTORY, H_REASON, H_RETRIES, Bus, Consumer, queue_names, replay_dead_letters
 from shared.rabbitmq.headers import REASON_MAX
+from testkit.broker import consuming
 from testkit.fake_hasoffers.network import generate
 from testkit.fake_hasoffers.server import FakeHasOffers
 from testkit.smtp import FakeSmtpServer
@@ -78,19 +77,6 @@ def checked_messages(exchange: str) -> list[dict]:
 
 
 # -- 1. long handlers keep their connection; no message loops forever -----------------------
-
-
-@contextmanager
-def consuming(consumer: Consumer) -> Iterator[Consumer]:
-    thread = threading.Thread(target=consumer.run, daemon=True)
-    thread.start()
-    assert consumer.ready.wait(10), "consumer did not connect"
-    try:
-        yield consumer
-    finally:
-        consumer.stop()
-        thread.join(30)
-        assert not thread.is_alive(), "the consumer did not stop"
 
 
 def test_a_handler_longer_than_several_heartbeats_keeps_its_connection(bus, exchange, caplog):
