@@ -14,10 +14,8 @@ every state change was published, and no queue holds anything.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
-import sys
 import time
 import uuid
 from collections import Counter
@@ -29,14 +27,11 @@ from sqlalchemy import text
 
 from shared.events import METRIC_LOADED, new_event
 from shared.rabbitmq import CONNECTION_ERRORS, SERVICE_BINDINGS, Bus, PublishError, queue_names
-from tests.support import ROOT, wait_for
+from scripts import rabbit_cluster
+from testkit.waiting import wait_for
 from tests.trigger_scenario import (
     ExpectedCheck, Model, actual_checks, actual_events, actual_states, as_model_events, at, published_events,
 )
-
-_spec = importlib.util.spec_from_file_location("rabbit_cluster", ROOT / "scripts/rabbit_cluster.py")
-rabbit_cluster = sys.modules.setdefault("rabbit_cluster", importlib.util.module_from_spec(_spec))
-_spec.loader.exec_module(rabbit_cluster)
 
 pytestmark = pytest.mark.cluster
 

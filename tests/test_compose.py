@@ -11,7 +11,7 @@ import time
 import pytest
 
 from services.metric_loader.schedule import Schedule
-from shared.events import METRIC_KEYS, REFERENCE
+from shared.vocabulary import METRIC_KEYS, REFERENCE
 from tests.support import ROOT
 
 

@@ -15,7 +15,8 @@ from shared import cli
 from shared.rabbitmq import SERVICE_BINDINGS, Bus, QueueMismatchError, QueueOptions, queue_names
 from shared.rabbitmq.migration import upgrade_queues
 from shared.rabbitmq.topology import declare_topology, holding_queue
-from tests.support import AMQP_URL, wait_for
+from testkit.waiting import wait_for
+from tests.support import AMQP_URL
 
 CLASSIC = QueueOptions(queue_type="classic")
 QUORUM = QueueOptions()

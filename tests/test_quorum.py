@@ -4,9 +4,6 @@ guard against a message that kills every process that takes it."""
 from __future__ import annotations
 
 import json
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -15,7 +12,10 @@ from sqlalchemy import text
 from shared.events import METRIC_LOADED, encode, new_event
 from shared.handling import RetryableError
 from shared.rabbitmq import Bus, Consumer, QueueOptions, queue_names
-from tests.support import AMQP_URL, ServiceProcess, drain, queue_depth, wait_for
+from testkit.broker import consuming
+from testkit.processes import ServiceProcess
+from testkit.waiting import wait_for
+from tests.support import AMQP_URL, drain, queue_depth
 
 
 def metric_loaded(value: float = 0.5):
@@ -23,18 +23,6 @@ def metric_loaded(value: float = 0.5):
     return new_event(METRIC_LOADED, {"metrics": [
         {"metric_key": "cr", "offer_id": 1, "affiliate_id": 1, "value": value, "measured_at": measured_at}]},
         correlation_id="test")
-
-
-@contextmanager
-def consuming(consumer: Consumer) -> Iterator[Consumer]:
-    thread = threading.Thread(target=consumer.run, daemon=True)
-    thread.start()
-    assert consumer.ready.wait(10), "consumer did not connect"
-    try:
-        yield consumer
-    finally:
-        consumer.stop()
-        thread.join(30)
 
 
 def test_the_attempt_number_counts_retries_and_returns_but_not_a_publishers_delivery_count(bus, exchange, tmp_path):

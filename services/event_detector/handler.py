@@ -23,18 +23,15 @@ from sqlalchemy.engine import Connection, Engine
 
 from shared.batch import split_batch
 from shared.handling import Delivery, HandlerResult
-from shared.db import TZ, Trigger, TriggerCheck, TriggerState
-from shared.db import TriggerEvent as TriggerEventRow
+from shared.db import TZ, Trigger, TriggerCheck, TriggerEvent, TriggerState
 from shared.events import (
-    MAX_CHECKS, TRIGGER_EVENT_OK, TRIGGER_EVENT_PROBLEM, CheckItem, Envelope, TriggerEvent, new_event,
-    stable_event_id,
+    MAX_CHECKS, TRIGGER_EVENT_TYPES, CheckItem, Envelope, TriggerEventMessage, new_event, stable_event_id,
 )
 from shared.sql import array, transaction, unnest
 from services.event_detector.state import Change, Check, Pair, change_of, rounds
 
 logger = logging.getLogger(__name__)
 
-EVENT_TYPES = {"PROBLEM": TRIGGER_EVENT_PROBLEM, "OK": TRIGGER_EVENT_OK}
 PAIR_COLUMNS = {"trigger_id": Integer(), "offer_id": Integer(), "affiliate_id": Integer()}
 STATE_COLUMNS = {
     **PAIR_COLUMNS, "status": Text(), "since": TZ, "measured_at": TZ, "check_id": BigInteger(), "value": Double(),
@@ -43,7 +40,7 @@ STATE_COLUMNS = {
 
 trigger_checks = TriggerCheck.__table__
 trigger_states = TriggerState.__table__
-trigger_events = TriggerEventRow.__table__
+trigger_events = TriggerEvent.__table__
 triggers = Trigger.__table__
 
 
@@ -180,12 +177,12 @@ def _load_events(conn: Connection, check_ids: list[int]) -> list:
 
 
 def _event_message(envelope: Envelope, row) -> Envelope:
-    data = TriggerEvent(
+    data = TriggerEventMessage(
         trigger_event_id=row.id, trigger_id=row.trigger_id, trigger_name=row.name, offer_id=row.offer_id,
         affiliate_id=row.affiliate_id, previous_status=row.previous_status, status=row.status, value=row.value,
         threshold=row.threshold, measured_at=row.measured_at, check_id=row.check_id,
     )
     return new_event(
-        EVENT_TYPES[row.status], data, correlation_id=envelope.correlation_id, causation_id=str(envelope.event_id),
-        event_id=stable_event_id("trigger_event", row.id),
+        TRIGGER_EVENT_TYPES[row.status], data, correlation_id=envelope.correlation_id,
+        causation_id=str(envelope.event_id), event_id=stable_event_id("trigger_event", row.id),
     )

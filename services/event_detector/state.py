@@ -16,9 +16,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from datetime import datetime
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
-Status = Literal["OK", "PROBLEM"]
+from shared.vocabulary import Status
+
 Pair = tuple[int, int, int]  # trigger_id, offer_id, affiliate_id
 
 
