@@ -1,6 +1,6 @@
 """Benchmark of the operators' console: its pages with a million trigger checks.
 
-Creates and migrates its own database, seeds a network's history (tests/console_world.py:
+Creates and migrates its own database, seeds a network's history (testkit/console_world.py:
 by default 100 offers x 100 affiliates x 4 triggers x 25 rounds = 1,000,000 checks, plus
 90 days of checks every 15 minutes for pair 1/1, with the states, state changes and
 operation runs they imply), runs VACUUM ANALYZE as
@@ -8,7 +8,7 @@ autovacuum would, starts `kpi web` as a real process, and times N sequential req
 page over one keep-alive HTTP connection (after a warm-up). Prints median, p95 and max
 per page; the goal is under 200 ms for the problems page and a pair page.
 
-    .venv/bin/python scripts/bench_console.py [--requests 50] [--offers 100 --affiliates 100 --rounds 25]
+    .venv/bin/python -m scripts.bench_console [--requests 50] [--offers 100 --affiliates 100 --rounds 25]
 
 Drops its database and stops the console even when it fails (--keep-database keeps it).
 """
@@ -16,10 +16,9 @@ Drops its database and stops the console even when it fails (--keep-database kee
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from datetime import timedelta
@@ -28,14 +27,11 @@ from pathlib import Path
 import httpx
 from sqlalchemy import text
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from shared import migrate  # noqa: E402
-from shared.db import make_engine  # noqa: E402
-from tests.action_runner_support import free_port  # noqa: E402
-from tests.conftest import create_database, drop_database  # noqa: E402
-from tests.console_world import seed_console_world  # noqa: E402
+from shared.db import make_engine
+from testkit.console_world import seed_console_world
+from testkit.database import admin_url, drop_database, migrated_database
+from testkit.ports import free_port
+from testkit.processes import ServiceProcess
 
 USER, PASSWORD = "bench", uuid.uuid4().hex
 BUDGET_MS = 200.0
@@ -53,10 +49,11 @@ def main() -> int:
     args = parser.parse_args()
 
     name = f"kpi_bench_console_{uuid.uuid4().hex[:8]}"
-    url = create_database(name)
+    pg_admin = admin_url("TEST_PG_ADMIN_URL")
+    url = None
     process = None
     try:
-        migrate.upgrade(url)
+        url = migrated_database(pg_admin, name)
         engine = make_engine(url, isolation_level="AUTOCOMMIT")
         started = time.monotonic()
         with engine.begin() as conn:
@@ -82,10 +79,9 @@ def main() -> int:
               f"pair 1/1: {args.long_history} checks per trigger")
 
         port = free_port()
-        env = {**os.environ, "DATABASE_URL": url, "KPI_WEB_USER": USER, "KPI_WEB_PASSWORD": PASSWORD,
-               "KPI_LOG_LEVEL": "WARNING"}
-        process = subprocess.Popen([sys.executable, "-m", "shared.cli", "web", "--port", str(port)], cwd=ROOT,
-                                   env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        env = {"DATABASE_URL": url, "KPI_WEB_USER": USER, "KPI_WEB_PASSWORD": PASSWORD, "KPI_LOG_LEVEL": "WARNING"}
+        process = ServiceProcess("console", env, Path(tempfile.mkdtemp(prefix="kpi-bench-console-")),
+                                 module="shared.cli", args=["web", "--port", str(port)]).start(wait_ready=False)
         base = f"http://127.0.0.1:{port}"
         client = httpx.Client(base_url=base, auth=(USER, PASSWORD), timeout=30)
         deadline = time.monotonic() + 30
@@ -94,8 +90,8 @@ def main() -> int:
                 client.get("/static/console.css")
                 break
             except httpx.TransportError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"the console did not start: {process.stderr.read().decode()[-2000:]}")
+                if not process.alive() or time.monotonic() > deadline:
+                    raise SystemExit(f"the console did not start: {process.log()[-2000:]}")
                 time.sleep(0.1)
 
         pages = [
@@ -134,13 +130,12 @@ def main() -> int:
               + (f": {', '.join(slow)}" if slow else ""))
         return 1 if slow else 0
     finally:
-        if process is not None and process.poll() is None:
-            process.terminate()
-            process.wait(10)
+        if process is not None:
+            process.terminate(10)
         if args.keep_database:
             print(f"kept database {name}: {url}")
         else:
-            drop_database(name)
+            drop_database(pg_admin, name)
 
 
 if __name__ == "__main__":

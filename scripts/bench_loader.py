@@ -1,6 +1,6 @@
 """Benchmark: load and publish a 100,000-row report from the fake HasOffers.
 
-    .venv/bin/python scripts/bench_loader.py [--rows 100000] [--repeat 3] [--page-size 10000]
+    .venv/bin/python -m scripts.bench_loader [--rows 100000] [--repeat 3] [--page-size 10000]
 
 The fake runs in a child process (its own interpreter, as the real API would be), with
 one (offer, affiliate) pair per report row. Measured, best of --repeat:
@@ -15,29 +15,25 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import os
-import socket
 import statistics
 import sys
 import time
 import uuid
 from datetime import datetime, timezone
-from pathlib import Path
 
 from sqlalchemy import text
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from services.fake_hasoffers.network import FakeOffer, Network, StatRow  # noqa: E402
-from services.fake_hasoffers.server import FakeHasOffers  # noqa: E402
-from services.metric_loader import metrics  # noqa: E402
-from services.metric_loader.handler import LoaderConfig, handle, monitored_offers  # noqa: E402
-from shared import migrate  # noqa: E402
-from shared.rabbitmq import SERVICE_BINDINGS, Bus, queue_names  # noqa: E402
-from shared.db import make_engine  # noqa: E402
-from shared.events import METRIC_LOAD_REQUESTED, MetricLoadRequested, new_event  # noqa: E402
-from shared.hasoffers import HasOffersClient  # noqa: E402
+from services.metric_loader import computation
+from services.metric_loader.handler import LoaderConfig, handle_load_requested, monitored_offers
+from shared.db import make_engine
+from shared.events import METRIC_LOAD_REQUESTED, MetricLoadRequested, new_event
+from shared.hasoffers import HasOffersClient
+from shared.rabbitmq import Bus, queue_names
+from testkit import broker
+from testkit.database import admin_url, drop_database, migrated_database
+from testkit.fake_hasoffers.network import FakeOffer, Network, StatRow
+from testkit.fake_hasoffers.server import FakeHasOffers
+from testkit.ports import free_port
 
 TOKEN = "NETbench" + uuid.uuid4().hex[:8]
 OFFERS = 400
@@ -58,12 +54,6 @@ def serve_fake(port: int, rows: int, ready: multiprocessing.Event) -> None:  # t
         time.sleep(3600)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=100_000)
@@ -71,22 +61,17 @@ def main() -> int:
     parser.add_argument("--page-size", type=int, default=10_000)
     args = parser.parse_args()
 
-    pg_admin = os.environ.get("BENCH_PG_ADMIN_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
-    amqp_url = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+    pg_admin = admin_url("BENCH_PG_ADMIN_URL")
+    amqp_url = broker.amqp_url()
     name = f"kpi_bench_{uuid.uuid4().hex[:8]}"
     exchange = f"kpi.bench.{uuid.uuid4().hex[:8]}"
-    admin = make_engine(pg_admin, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = pg_admin.rsplit("/", 1)[0] + f"/{name}"
     port = free_port()
     ready = multiprocessing.Event()
     server = multiprocessing.Process(target=serve_fake, args=(port, args.rows, ready), daemon=True)
     server.start()
     engine = bus = client = None
     try:
-        migrate.upgrade(url)
-        engine = make_engine(url)
+        engine = make_engine(migrated_database(pg_admin, name))
         with engine.begin() as conn:
             conn.execute(text("INSERT INTO offers (id, name) SELECT g, 'Offer ' || g FROM generate_series(1, :n) g"),
                          {"n": OFFERS})
@@ -97,8 +82,9 @@ def main() -> int:
         config = LoaderConfig(page_size=args.page_size)
 
         offers = monitored_offers(engine, config)
-        start, end = metrics.window(datetime.now(timezone.utc), 24)
-        params_list = [metrics.report_params("cr", period, offers) for period in metrics.window_filters(start, end)]
+        start, end = computation.window(datetime.now(timezone.utc), 24)
+        params_list = [computation.report_params("cr", period, offers)
+                       for period in computation.window_filters(start, end)]
 
         def read_only() -> int:
             return sum(1 for params in params_list for _ in client.get_stats(params, page_size=args.page_size))
@@ -114,7 +100,7 @@ def main() -> int:
 
             request = new_event(METRIC_LOAD_REQUESTED, MetricLoadRequested(metric_key="cr", lookback_hours=24))
             began = time.perf_counter()
-            result = handle(request, engine=engine, client=client, config=config)
+            result = handle_load_requested(request, engine=engine, client=client, config=config)
             handled = time.perf_counter()
             bus.publish_many(result.events)
             if result.after_publish is not None:
@@ -137,18 +123,12 @@ def main() -> int:
         if client is not None:
             client.close()
         if bus is not None:
-            for service in SERVICE_BINDINGS:
-                names = queue_names(exchange, service)
-                for queue in (names.work, names.retry, names.dead):
-                    bus.channel.queue_delete(queue)
-            bus.channel.exchange_delete(exchange)
+            broker.delete_topology(bus.channel, exchange)
             bus.close()
         if engine is not None:
             engine.dispose()
         server.terminate()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+        drop_database(pg_admin, name)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Benchmark: metric values through trigger_checker and event_detector, end to end.
 
-    .venv/bin/python scripts/bench_pipeline.py [--rounds 4] [--latency-seconds 20] [--relay-messages 5000]
+    .venv/bin/python -m scripts.bench_pipeline [--rounds 4] [--latency-seconds 20] [--relay-messages 5000]
 
 One replica of each service runs as a real process (`python -m services.X`) against its
 own database (created and migrated here) and its own exchange, with every guarantee on:
@@ -32,28 +32,24 @@ import argparse
 import json
 import os
 import random
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-import pika
 from sqlalchemy import Engine, text
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from scripts.pika_relay import run_relay  # noqa: E402
-from shared import migrate  # noqa: E402
-from shared.rabbitmq import SERVICE_BINDINGS, Bus, queue_names  # noqa: E402
-from shared.db import make_engine  # noqa: E402
-from shared.events import METRIC_LOADED, encode, new_event  # noqa: E402
+from scripts.pika_relay import run_relay
+from shared.db import make_engine
+from shared.events import METRIC_LOADED, encode, new_event
+from shared.rabbitmq import Bus
+from testkit import broker
+from testkit.database import admin_url, drop_database, migrated_database
+from testkit.processes import ServiceProcess
+from testkit.waiting import wait_for
 
 METRICS = ("cr", "pacc", "gtr", "clicks_zero_conv", "cap_fill")
 OFFERS = range(1, 51)
@@ -65,34 +61,6 @@ SERVICES = ("trigger_checker", "event_detector")
 
 
 # -- set-up --------------------------------------------------------------------------------
-
-
-def create_database(admin_url: str, name: str) -> str:
-    admin = make_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    url = admin_url.rsplit("/", 1)[0] + f"/{name}"
-    migrate.upgrade(url)
-    return url
-
-
-def drop_database(admin_url: str, name: str) -> None:
-    admin = make_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
-
-
-def delete_topology(amqp_url: str, exchange: str) -> None:
-    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
-    channel = connection.channel()
-    for service in SERVICE_BINDINGS:
-        names = queue_names(exchange, service)
-        for queue in (names.work, names.retry, names.dead):
-            channel.queue_delete(queue)
-    channel.exchange_delete(exchange)
-    connection.close()
 
 
 def seed(engine: Engine) -> None:
@@ -150,50 +118,11 @@ def chunks(items: list[Key], size: int) -> list[list[Key]]:
 # -- processes -----------------------------------------------------------------------------
 
 
-@dataclass
-class Service:
-    name: str
-    process: subprocess.Popen
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def peak_rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        raise RuntimeError("no VmHWM")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-
-
-def start_service(name: str, env: dict[str, str], log_dir: Path) -> Service:
-    log_path = log_dir / f"{name}.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", f"services.{name}"], cwd=ROOT,
-                                   env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
-                                   stdout=log, stderr=subprocess.STDOUT)
-    service = Service(name, process, log_path)
-    wait_until(lambda: "consuming" in service.log() or process.poll() is not None, 30, f"{name} to start")
-    if process.poll() is not None:
-        raise RuntimeError(f"{name} exited at start:\n{service.log()}")
-    return service
-
-
-def wait_until(condition, timeout: float, what: str, interval: float = 0.1) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+def peak_rss_mb(service: ServiceProcess) -> float:
+    for line in Path(f"/proc/{service.pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -219,26 +148,27 @@ def states_at(engine: Engine, round_: int) -> int:
                             dict(m=T0 + timedelta(hours=round_))).scalar_one()
 
 
-def wait_for_round(engine: Engine, round_: int, expected: int, services: list[Service], timeout: float) -> None:
+def wait_for_round(engine: Engine, round_: int, expected: int, services: list[ServiceProcess], timeout: float
+                   ) -> None:
     def done() -> bool:
         for service in services:
-            if service.process.poll() is not None:
+            if not service.alive():
                 raise RuntimeError(f"{service.name} died:\n{service.log()[-3000:]}")
         return states_at(engine, round_) >= expected
-    wait_until(done, timeout, f"{expected} states of round {round_}", interval=0.2)
+    wait_for(done, timeout, 0.2, f"{expected} states of round {round_}")
 
 
 # -- phases --------------------------------------------------------------------------------
 
 
-def throughput(bus: Bus, engine: Engine, services: list[Service], base: dict[Key, float], rounds: int,
+def throughput(bus: Bus, engine: Engine, services: list[ServiceProcess], base: dict[Key, float], rounds: int,
                timeout: float, database: str) -> dict[str, float]:
     all_keys = keys()
     bodies = [message(items, values, r) for r in range(rounds)
               for values in [round_values(base, r)] for items in chunks(all_keys, BATCH)]
     # CPU seconds per component, which the machine's other tenants do not inflate much:
     # the services and their PostgreSQL backends (the broker is shared, so it is left out).
-    components = {s.name: [s.process.pid] for s in services}
+    components = {s.name: [s.pid] for s in services}
     components["postgres"] = backend_pids(engine, database)
     cpu_before = {name: sum(map(cpu_seconds, pids)) for name, pids in components.items()}
     started = time.time()
@@ -262,7 +192,7 @@ def throughput(bus: Bus, engine: Engine, services: list[Service], base: dict[Key
             "cpu_ms_per_1000_values": cpu_ms}
 
 
-def latency(bus: Bus, engine: Engine, services: list[Service], base: dict[Key, float], round_: int, rate: int,
+def latency(bus: Bus, engine: Engine, services: list[ServiceProcess], base: dict[Key, float], round_: int, rate: int,
             seconds: float) -> dict[str, float]:
     batches = chunks(keys(), LATENCY_BATCH)[:int(seconds * rate / LATENCY_BATCH)]
     values = round_values(base, round_)
@@ -302,6 +232,7 @@ def machine() -> str:
 # -- main ----------------------------------------------------------------------------------
 
 
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=4, help="throughput rounds of 25,000 values")
@@ -313,19 +244,19 @@ def main() -> int:
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object too")
     args = parser.parse_args()
 
-    pg_admin = os.environ.get("BENCH_PG_ADMIN_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
-    amqp_url = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+    pg_admin = admin_url("BENCH_PG_ADMIN_URL")
+    amqp_url = broker.amqp_url()
     suffix = uuid.uuid4().hex[:8]
     db_name, exchange = f"kpi_bench_{suffix}", f"kpi.bench.{suffix}"
     log_dir = Path(tempfile.mkdtemp(prefix="bench_pipeline_"))
     rng = random.Random(1)
     base = {key: rng.random() for key in keys()}
-    services: list[Service] = []
+    services: list[ServiceProcess] = []
     engine: Engine | None = None
     bus: Bus | None = None
     results: dict[str, object] = {"machine": machine()}
     try:
-        database_url = create_database(pg_admin, db_name)
+        database_url = migrated_database(pg_admin, db_name)
         engine = make_engine(database_url)
         seed(engine)
         env = {"DATABASE_URL": database_url, "AMQP_URL": amqp_url, "KPI_EXCHANGE": exchange,
@@ -333,7 +264,7 @@ def main() -> int:
         if args.prefetch is not None:
             env["KPI_PREFETCH"] = str(args.prefetch)
         bus = Bus(amqp_url, exchange, name="bench_pipeline").connect()
-        services = [start_service(name, env, log_dir) for name in SERVICES]
+        services = [ServiceProcess(name, env, log_dir, log_name=f"{name}.log").start(timeout=30) for name in SERVICES]
 
         results["throughput"] = t = throughput(bus, engine, services, base, args.rounds, args.timeout, db_name)
         print(f"throughput: {t['values']} values, {t['checks']} checks, {t['events']} events in "
@@ -348,17 +279,17 @@ def main() -> int:
         print(f"latency at {args.rate} values/s ({lat['values']} values, {lat['states']} states): "
               f"p50 {lat['p50'] * 1000:.0f} ms, p95 {lat['p95'] * 1000:.0f} ms, p99 {lat['p99'] * 1000:.0f} ms, "
               f"max {lat['max'] * 1000:.0f} ms", flush=True)
-        results["peak_rss_mb"] = rss = {s.name: s.peak_rss_mb() for s in services}
+        results["peak_rss_mb"] = rss = {s.name: peak_rss_mb(s) for s in services}
         print("peak RSS: " + ", ".join(f"{name} {mb:.0f} MB" for name, mb in rss.items()), flush=True)
     except BaseException:
         for service in services:
             print(f"--- {service.name} log (tail) ---\n{service.log()[-3000:]}", file=sys.stderr)
         raise
     finally:
-        cleanup = [service.stop for service in services]
+        cleanup = [service.terminate for service in services]
         cleanup += [bus.close] if bus is not None else []
         cleanup += [engine.dispose] if engine is not None else []
-        cleanup += [lambda: delete_topology(amqp_url, exchange), lambda: drop_database(pg_admin, db_name)]
+        cleanup += [lambda: broker.delete_topology_at(amqp_url, exchange), lambda: drop_database(pg_admin, db_name)]
         for step in cleanup:
             try:  # every step, even when one fails (the broker or the database may be down)
                 step()

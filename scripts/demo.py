@@ -10,29 +10,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from email import message_from_bytes
-from email.header import decode_header, make_header
 from pathlib import Path
 
 import httpx
-from aiosmtpd.controller import Controller
 from sqlalchemy import Engine, text
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from shared import migrate  # noqa: E402
-from shared.rabbitmq import SERVICE_BINDINGS, Bus, queue_names  # noqa: E402
-from shared.db import make_engine  # noqa: E402
-from shared.events import METRIC_KEYS, METRIC_LOAD_REQUESTED, REFERENCE, MetricLoadRequested, new_event  # noqa: E402
+from shared.db import make_engine
+from shared.events import METRIC_LOAD_REQUESTED, MetricLoadRequested, new_event
+from shared.rabbitmq import SERVICE_BINDINGS, Bus, queue_names
+from shared.sql import run_script
+from shared.vocabulary import METRIC_KEYS, REFERENCE
+from testkit import ROOT, broker
+from testkit.database import admin_url, drop_database, migrated_database
+from testkit.ports import free_port, port_open
+from testkit.processes import ServiceProcess, terminate_all
+from testkit.smtp import FakeSmtpServer
+from testkit.waiting import wait_for
 
 SERVICES = list(SERVICE_BINDINGS)
 TOKEN = "NETdemo" + uuid.uuid4().hex[:16]
@@ -40,54 +37,6 @@ TOKEN = "NETdemo" + uuid.uuid4().hex[:16]
 
 def say(message: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class MailSink:
-    """A local SMTP server that keeps every message it receives."""
-
-    def __init__(self) -> None:
-        self.messages: list[tuple[list[str], str]] = []
-
-    async def handle_DATA(self, server, session, envelope):  # noqa: N802 (aiosmtpd's naming)
-        message = message_from_bytes(envelope.content)
-        subject = str(make_header(decode_header(message.get("Subject", ""))))
-        self.messages.append((list(envelope.rcpt_tos), subject))
-        return "250 OK"
-
-
-def create_database(admin_url: str, name: str) -> str:
-    admin = make_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    return admin_url.rsplit("/", 1)[0] + f"/{name}"
-
-
-def run_sql_file(engine: Engine, path: Path) -> None:
-    connection = engine.raw_connection()
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute(path.read_text())
-        connection.commit()
-    finally:
-        connection.close()
-
-
-def wait_until(condition, timeout: float, what: str, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = condition()
-        if result:
-            return result
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def counts(engine: Engine) -> dict[str, int]:
@@ -124,7 +73,7 @@ def wait_idle(engine: Engine, bus: Bus, timeout: float) -> dict[str, int]:
     raise TimeoutError("the pipeline did not become idle in time")
 
 
-def summary(engine: Engine, sink: MailSink, hasoffers_calls: list[dict], exchange: str, bus: Bus) -> str:
+def summary(engine: Engine, sink: FakeSmtpServer, hasoffers_calls: list[dict], exchange: str, bus: Bus) -> str:
     out = []
     with engine.connect() as conn:
         loads = conn.execute(text(
@@ -161,11 +110,12 @@ def summary(engine: Engine, sink: MailSink, hasoffers_calls: list[dict], exchang
     out.append("Operations run:")
     for kind, status, n in runs or [("(none)", "", 0)]:
         out.append(f"  {kind:<26} {status:<10} {n:>5}")
-    out.append(f"Emails captured by the SMTP sink: {len(sink.messages)}")
-    for recipients, subject in sink.messages[:15]:
-        out.append(f"  to {', '.join(recipients)[:60]:<60} | {subject[:70]}")
-    if len(sink.messages) > 15:
-        out.append(f"  ... and {len(sink.messages) - 15} more")
+    mails = sink.mails()
+    out.append(f"Emails captured by the SMTP sink: {len(mails)}")
+    for mail in mails[:15]:
+        out.append(f"  to {', '.join(mail.rcpt_tos)[:60]:<60} | {mail.subject[:70]}")
+    if len(mails) > 15:
+        out.append(f"  ... and {len(mails) - 15} more")
     out.append(f"Approve/reject calls HasOffers received: {len(hasoffers_calls)}")
     for call in hasoffers_calls[:15]:
         status = f" status={call['status']}" if "status" in call else ""
@@ -188,57 +138,49 @@ def main() -> int:
     parser.add_argument("--keep-database", action="store_true", help="leave the demo database for inspection")
     args = parser.parse_args()
 
-    pg_admin = os.environ.get("DEMO_PG_ADMIN_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
-    amqp_url = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+    pg_admin = admin_url("DEMO_PG_ADMIN_URL")
+    amqp_url = broker.amqp_url()
     run_id = uuid.uuid4().hex[:8]
     db_name, exchange = f"kpi_demo_{run_id}", f"kpi.demo.{run_id}"
     started = time.monotonic()
-    processes: list[subprocess.Popen] = []
+    processes: list[ServiceProcess] = []
     log_dir = Path(tempfile.mkdtemp(prefix="kpi-demo-"))
     smtp = None
     bus = None
     engine = None
     try:
         say(f"database {db_name}, exchange {exchange}, logs in {log_dir}")
-        database_url = create_database(pg_admin, db_name)
-        migrate.upgrade(database_url)
+        database_url = migrated_database(pg_admin, db_name)
         engine = make_engine(database_url)
-        run_sql_file(engine, ROOT / "seeds/example.sql")
+        run_script(engine, (ROOT / "seeds/example.sql").read_text())
         say("schema migrated, example triggers and actions seeded")
 
-        sink = MailSink()
-        smtp_port = free_port()
-        smtp = Controller(sink, hostname="127.0.0.1", port=smtp_port)
-        smtp.start()
+        smtp = FakeSmtpServer().start()
         fake_port = free_port()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "DATABASE_URL": database_url, "AMQP_URL": amqp_url,
+        env = {"DATABASE_URL": database_url, "AMQP_URL": amqp_url,
                "KPI_EXCHANGE": exchange, "HASOFFERS_BASE_URL": f"http://127.0.0.1:{fake_port}/Apiv3/json",
                "HASOFFERS_NETWORK_ID": "demo", "HASOFFERS_NETWORK_TOKEN": TOKEN, "SMTP_HOST": "127.0.0.1",
-               "SMTP_PORT": str(smtp_port), "MAIL_FROM": "kpi@demo.local", "KPI_RETRY_DELAY_MS": "1000",
+               "SMTP_PORT": str(smtp.port), "MAIL_FROM": "kpi@demo.local", "KPI_RETRY_DELAY_MS": "1000",
                "KPI_CLICK_COST": "0.01"}
 
-        def spawn(name: str, *argv: str) -> subprocess.Popen:
-            log = open(log_dir / f"{name}.log", "wb")
-            process = subprocess.Popen([sys.executable, "-m", *argv], cwd=ROOT, env=env, stdout=log,
-                                       stderr=subprocess.STDOUT)
+        def spawn(name: str, module: str | None = None, args: list[str] | None = None) -> ServiceProcess:
+            process = ServiceProcess(name, env, log_dir, module=module, args=args or [], log_name=f"{name}.log")
             processes.append(process)
-            return process
+            return process.start(wait_ready=False)
 
-        spawn("fake_hasoffers", "services.fake_hasoffers", "--host", "127.0.0.1", "--port", str(fake_port),
-              "--seed", str(args.seed), "--offers", str(args.offers), "--affiliates", str(args.affiliates),
-              "--network-id", "demo", "--token", TOKEN)
-        wait_until(lambda: _port_open(fake_port), 20, "the fake HasOffers to listen")
+        spawn("fake_hasoffers", "testkit.fake_hasoffers",
+              ["--host", "127.0.0.1", "--port", str(fake_port), "--seed", str(args.seed), "--offers",
+               str(args.offers), "--affiliates", str(args.affiliates), "--network-id", "demo", "--token", TOKEN])
+        wait_for(lambda: port_open(fake_port), 20, 0.5, "the fake HasOffers to listen")
         say(f"fake HasOffers on port {fake_port} ({args.offers} offers, {args.affiliates} affiliates), "
-            f"SMTP sink on port {smtp_port}")
-        for service in SERVICES:
-            spawn(service, f"services.{service}")
+            f"SMTP sink on port {smtp.port}")
+        services = [spawn(service) for service in SERVICES]
         bus = Bus(amqp_url, exchange, name="hasoffers-kpi demo").connect()
-        wait_until(lambda: all((log_dir / f"{s}.log").read_text(errors="replace").count("consuming") for s in SERVICES),
-                   30, "the four services to start")
+        wait_for(lambda: all(service.ready() for service in services), 30, 0.5, "the four services to start")
         say("four services running")
 
         bus.publish(new_event(METRIC_LOAD_REQUESTED, MetricLoadRequested(metric_key=REFERENCE), correlation_id="demo"))
-        wait_until(lambda: _reference_done(engine), 60, "the reference load")
+        wait_for(lambda: _reference_done(engine), 60, 0.5, "the reference load")
         with engine.begin() as conn:  # local setting: track each offer's first goal for the gtr metric
             conn.execute(text("UPDATE offers o SET tracked_goal_id = (SELECT min(g.id) FROM goals g"
                               " WHERE g.offer_id = o.id) WHERE tracked_goal_id IS NULL"))
@@ -249,42 +191,30 @@ def main() -> int:
         wait_idle(engine, bus, args.timeout)
 
         calls = httpx.get(f"http://127.0.0.1:{fake_port}/_fake/calls", timeout=5).json()
-        print(summary(engine, sink, calls, exchange, bus), flush=True)
-        for name in ["fake_hasoffers", *SERVICES]:
-            if TOKEN in (log_dir / f"{name}.log").read_text(errors="replace"):
-                raise RuntimeError(f"the HasOffers token appeared in the {name} log")
+        print(summary(engine, smtp, calls, exchange, bus), flush=True)
+        for process in processes:
+            if TOKEN in process.log():
+                raise RuntimeError(f"the HasOffers token appeared in the {process.name} log")
         say(f"finished in {time.monotonic() - started:.1f}s")
         return 0
     except Exception as exc:
         say(f"FAILED: {exc}; logs are in {log_dir}")
         return 1
     finally:
-        for process in processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        terminate_all(processes)
         if smtp is not None:
             smtp.stop()
         if bus is not None:
-            _delete_topology(bus, exchange)
+            try:
+                broker.delete_topology(bus.channel, exchange)
+            except Exception:  # best effort: the broker may be gone already
+                pass
             bus.close()
         if engine is not None:
             engine.dispose()
         if not args.keep_database:
-            admin = make_engine(pg_admin, isolation_level="AUTOCOMMIT")
-            with admin.connect() as conn:
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)'))
-            admin.dispose()
+            drop_database(pg_admin, db_name)
         say("stopped everything it started")
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _reference_done(engine: Engine) -> bool:
@@ -303,17 +233,6 @@ def _reference_counts(engine: Engine) -> str:
             " (SELECT count(*) FROM affiliate_users), (SELECT count(*) FROM goals),"
             " (SELECT count(*) FROM conversion_caps)")).one()
     return json.dumps(dict(zip(["offers", "affiliates", "affiliate_users", "goals", "caps"], row)))
-
-
-def _delete_topology(bus: Bus, exchange: str) -> None:
-    try:
-        for service in SERVICES:
-            names = queue_names(exchange, service)
-            for queue in (names.work, names.retry, names.dead):
-                bus.channel.queue_delete(queue)
-        bus.channel.exchange_delete(exchange)
-    except Exception:  # best effort: the broker may be gone already
-        pass
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@
     kpi dead list SERVICE            what is in a service's dead queue, and why
     kpi dead replay SERVICE          put dead letters back on the exchange
     kpi web [--host H] [--port P]    the operators' console (HTTP Basic: KPI_WEB_USER, KPI_WEB_PASSWORD)
+    kpi queues upgrade               redeclare the queues as configured (classic -> quorum)
 
 Exit codes: 0 ok, 2 bad arguments or input, 3 RabbitMQ or PostgreSQL unreachable.
 """
@@ -16,21 +17,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from pydantic import ValidationError
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, Select, func, literal, select
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from shared import migrate
 from shared.rabbitmq import (
-    SERVICE_BINDINGS, BrokerUnavailableError, Bus, dead_letter_count, read_dead_letters, replay_dead_letters,
+    CONNECTION_ERRORS, SERVICE_BINDINGS, BrokerUnavailableError, Bus, QueueMismatchError, dead_letter_count,
+    read_dead_letters, replay_dead_letters,
 )
-from shared.db import make_engine
-from shared.events import METRIC_KEYS, METRIC_LOAD_REQUESTED, REFERENCE, MetricLoadRequested, new_event
+from shared.rabbitmq.migration import UpgradeError, upgrade_queues
+from shared.db import Trigger, TriggerState, TriggerThreshold, make_engine
+from shared.events import METRIC_LOAD_REQUESTED, MetricLoadRequested, new_event
+from shared.service import queue_options
 from shared.settings import Settings
+from shared.sql import run_script
+from shared.vocabulary import METRIC_KEYS, REFERENCE
 
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
@@ -46,7 +53,7 @@ def _engine(settings: Settings) -> Engine:
     engine = make_engine(settings.database_url.get_secret_value())
     try:
         with engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
+            conn.execute(select(literal(1)))
     except OperationalError as exc:
         reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
         raise CliError(f"PostgreSQL not reachable at {engine.url.render_as_string(hide_password=True)}: {reason}",
@@ -54,12 +61,15 @@ def _engine(settings: Settings) -> Engine:
     return engine
 
 
-def _bus(settings: Settings) -> Bus:
-    bus = Bus(settings.amqp_url.get_secret_value(), settings.kpi_exchange, name="hasoffers-kpi cli")
+def _bus(settings: Settings, declare: bool = True) -> Bus:
+    bus = Bus(settings.amqp_url.get_secret_value(), settings.kpi_exchange, name="hasoffers-kpi cli",
+              queues=queue_options(settings))
     try:
-        return bus.connect_with_retry(attempts=2, delay=0.5)
+        return bus.connect_with_retry(attempts=2, delay=0.5, declare=declare)
     except BrokerUnavailableError as exc:
         raise CliError(str(exc), EXIT_UNREACHABLE) from None
+    except QueueMismatchError as exc:
+        raise CliError(str(exc)) from None
 
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> None:
@@ -79,17 +89,11 @@ def cmd_seed(settings: Settings, args: argparse.Namespace) -> None:
     except OSError as exc:
         raise CliError(f"{path}: cannot read it: {exc.strerror or exc}") from None
     engine = _engine(settings)
-    # The raw DBAPI cursor runs a whole script (several statements, its own BEGIN/COMMIT).
-    connection = engine.raw_connection()
     try:
-        with connection.cursor() as cursor:
-            cursor.execute(sql)
-        connection.commit()
+        run_script(engine, sql)
     except Exception as exc:
-        connection.rollback()
         raise CliError(f"{path}: {str(exc).strip()}") from None
     finally:
-        connection.close()
         engine.dispose()
     print(f"loaded {path}")
 
@@ -107,28 +111,33 @@ def cmd_load(settings: Settings, args: argparse.Namespace) -> None:
             print(f"requested {request.metric_key} (look-back {request.lookback_hours} h) event_id={event.event_id}")
 
 
-STATUS_SQL = """
-SELECT t.name, s.offer_id, s.affiliate_id, s.value, s.threshold, s.since
-FROM trigger_states s JOIN triggers t ON t.id = s.trigger_id
-WHERE s.status = 'PROBLEM'
-ORDER BY t.name, s.since, s.offer_id, s.affiliate_id
-LIMIT :limit
-"""
+def _problems_query(limit: int) -> Select:
+    s = TriggerState
+    return (
+        select(Trigger.name, s.offer_id, s.affiliate_id, s.value, s.threshold, s.since)
+        .select_from(s).join(Trigger, Trigger.id == s.trigger_id)
+        .where(s.status == "PROBLEM")
+        .order_by(Trigger.name, s.since, s.offer_id, s.affiliate_id)
+        .limit(limit)
+    )
 
-COUNTS_SQL = """
-SELECT t.name, t.metric_key, t.active,
-       count(s.*) FILTER (WHERE s.status = 'PROBLEM') AS problem,
-       count(s.*) FILTER (WHERE s.status = 'OK') AS ok
-FROM triggers t LEFT JOIN trigger_states s ON s.trigger_id = t.id
-GROUP BY t.id ORDER BY t.name
-"""
+
+def _counts_query() -> Select:
+    s = TriggerState
+    return (
+        select(Trigger.name, Trigger.metric_key, Trigger.active,
+               func.count().filter(s.status == "PROBLEM").label("problem"),
+               func.count().filter(s.status == "OK").label("ok"))
+        .outerjoin(s, s.trigger_id == Trigger.id)
+        .group_by(Trigger.id).order_by(Trigger.name)
+    )
 
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> None:
     engine = _engine(settings)
     with engine.connect() as conn:
-        problems = conn.execute(text(STATUS_SQL), {"limit": args.limit}).all()
-        counts = conn.execute(text(COUNTS_SQL)).all()
+        problems = conn.execute(_problems_query(args.limit)).all()
+        counts = conn.execute(_counts_query()).all()
     engine.dispose()
     if args.json:
         print(json.dumps({
@@ -145,18 +154,20 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> None:
     _table(["trigger", "metric", "active", "PROBLEM", "OK"], [[r[0], r[1], r[2], r[3], r[4]] for r in counts])
 
 
-TRIGGERS_SQL = """
-SELECT t.id, t.name, t.metric_key, t.operator, t.threshold, t.active,
-       h.scope, h.category_id, h.offer_id, h.affiliate_id, h.value
-FROM triggers t LEFT JOIN trigger_thresholds h ON h.trigger_id = t.id
-ORDER BY t.name, h.scope, h.category_id, h.offer_id, h.affiliate_id
-"""
+def _triggers_query() -> Select:
+    t, h = Trigger, TriggerThreshold
+    return (
+        select(t.id, t.name, t.metric_key, t.operator, t.threshold, t.active,
+               h.scope, h.category_id, h.offer_id, h.affiliate_id, h.value)
+        .outerjoin(h, h.trigger_id == t.id)
+        .order_by(t.name, h.scope, h.category_id, h.offer_id, h.affiliate_id)
+    )
 
 
 def cmd_triggers(settings: Settings, args: argparse.Namespace) -> None:
     engine = _engine(settings)
     with engine.connect() as conn:
-        rows = conn.execute(text(TRIGGERS_SQL)).all()
+        rows = conn.execute(_triggers_query()).all()
     engine.dispose()
     out = []
     for r in rows:
@@ -196,6 +207,27 @@ def cmd_web(settings: Settings, args: argparse.Namespace) -> None:
     _engine(settings).dispose()
     configure_logging("console", settings.kpi_log_level, settings.kpi_log_json)
     server.serve(settings, server.console_engine(settings), args.host, args.port, credentials)
+
+
+def cmd_queues(settings: Settings, args: argparse.Namespace) -> None:
+    # The upgrade finds what differs by declarations the broker refuses: not warnings.
+    logging.getLogger("pika").setLevel(logging.CRITICAL)
+    bus = _bus(settings, declare=False)
+    try:
+        report = upgrade_queues(bus)
+    except UpgradeError as exc:
+        raise CliError(str(exc)) from None
+    except CONNECTION_ERRORS as exc:
+        raise CliError(f"RabbitMQ went away during the upgrade ({type(exc).__name__}: {exc}); run it again: "
+                       "it goes on where it stopped", EXIT_UNREACHABLE) from None
+    finally:
+        bus.close()
+    for queue in report.queues:
+        change = "as configured" if queue.change is None else f"redeclared ({queue.change})"
+        moved = f", {queue.moved} message(s) kept" if queue.moved else ""
+        print(f"{queue.queue}: {change}{moved}")
+    print(f"queues of {bus.exchange}: {bus.queues.describe()}; {len(report.changed)} redeclared, "
+          f"{sum(q.moved for q in report.queues)} message(s) moved")
 
 
 def _num(value: float | None) -> str:
@@ -238,6 +270,10 @@ def parser() -> argparse.ArgumentParser:
     web.add_argument("--port", type=int, default=8080)
     web.add_argument("--no-auth", action="store_true", help="no authentication (only with --host 127.0.0.1)")
     web.set_defaults(run=cmd_web)
+    queues = sub.add_parser("queues", help="redeclare the queues as configured (KPI_QUEUE_TYPE, KPI_DELIVERY_LIMIT), "
+                                           "moving their messages; stop the services first")
+    queues.add_argument("action", choices=["upgrade"])
+    queues.set_defaults(run=cmd_queues)
     return p
 
 

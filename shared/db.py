@@ -28,27 +28,18 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     func,
+    literal,
+    select,
     text,
 )
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-logger = logging.getLogger(__name__)
-
-STATUSES = ("OK", "PROBLEM")
-OPERATORS = ("lt", "le", "gt", "ge", "eq", "ne")
-THRESHOLD_SCOPES = ("offer_category", "offer", "affiliate", "offer_affiliate")
-# Which threshold a check used: a scope of trigger_thresholds, or the trigger's own.
-CHECK_THRESHOLD_SCOPES = ("offer_affiliate", "affiliate", "offer", "offer_category", "general")
-OPERATION_KINDS = (
-    "email_affiliate",
-    "email_affiliate_manager",
-    "email_administrators",
-    "approve_affiliate",
-    "reject_affiliate",
+from shared.vocabulary import (
+    CHECK_SCOPES, LOAD_STATUSES, OPERATION_KINDS, OPERATORS, RUN_STATUSES, STATUSES, THRESHOLD_SCOPES,
 )
-RUN_STATUSES = ("pending", "succeeded", "failed", "skipped")
-LOAD_RUN_STATUSES = ("requested", "running", "succeeded", "failed")
+
+logger = logging.getLogger(__name__)
 
 
 def _in(column: str, values: tuple[str, ...]) -> str:
@@ -275,7 +266,7 @@ class LoadRun(Base):
     """One load of a metric (or of the reference data), from request to outcome."""
 
     __tablename__ = "load_runs"
-    __table_args__ = (CheckConstraint(_in("status", LOAD_RUN_STATUSES), name="status"),)
+    __table_args__ = (CheckConstraint(_in("status", LOAD_STATUSES), name="status"),)
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     # The request's event_id: a redelivered request finds its run instead of starting another.
     request_event_id: Mapped[str] = mapped_column(String(64), unique=True)
@@ -328,7 +319,7 @@ class TriggerCheck(Base):
         UniqueConstraint("trigger_id", "offer_id", "affiliate_id", "measured_at"),
         CheckConstraint(_in("status", STATUSES), name="status"),
         CheckConstraint(_in("operator", OPERATORS), name="operator"),
-        CheckConstraint(f"threshold_scope IS NULL OR {_in('threshold_scope', CHECK_THRESHOLD_SCOPES)}",
+        CheckConstraint(f"threshold_scope IS NULL OR {_in('threshold_scope', CHECK_SCOPES)}",
                         name="threshold_scope"),
     )
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
@@ -460,7 +451,7 @@ def wait_for_database(engine: Engine, attempts: int, delay: float = 1.0) -> None
     for attempt in range(1, attempts + 1):
         try:
             with engine.connect() as conn:
-                conn.execute(text("SELECT 1"))
+                conn.execute(select(literal(1)))
             return
         except OperationalError as exc:
             reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__

@@ -3,6 +3,11 @@
 Validation happens here, at the edge: NaN and infinite numbers, non-positive ids,
 strings where numbers belong, naive timestamps, empty or oversized batches, unknown
 `type` or `schema_version` are all rejected with a readable reason.
+
+A `data` model is named after its event type (MetricLoaded for metric.loaded); the
+data of trigger.event.* is TriggerEventMessage, because TriggerEvent is the
+trigger_events row (shared.db). The words inside (statuses, operators, metric keys) are
+shared.vocabulary's.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+
+from shared.vocabulary import METRIC_KEYS, REFERENCE, Operator, RunOutcome, Status
 
 SCHEMA_VERSION = 1
 MAX_BATCH = 1000
@@ -35,15 +42,13 @@ EVENT_TYPES = (
     TRIGGER_EVENT_OK,
     OPERATION_EXECUTED,
 )
-
-METRIC_KEYS = ("cr", "pacc", "gtr", "clicks_zero_conv", "cap_fill")
-REFERENCE = "reference"
+# The routing key that announces a change to each status.
+TRIGGER_EVENT_TYPES: dict[str, str] = {"PROBLEM": TRIGGER_EVENT_PROBLEM, "OK": TRIGGER_EVENT_OK}
 
 # Strict: a JSON string "12" is not an id, and true is not 1.
 Id = Annotated[int, Field(strict=True, gt=0, le=2**63 - 1)]
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 MetricKey = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_]*$")]
-Status = Literal["OK", "PROBLEM"]
 
 
 class _Model(BaseModel):
@@ -85,7 +90,7 @@ class CheckItem(_Model):
     offer_id: Id
     affiliate_id: Id
     value: Number
-    operator: Literal["lt", "le", "gt", "ge", "eq", "ne"]
+    operator: Operator
     threshold: Number
     status: Status
     measured_at: AwareDatetime
@@ -95,7 +100,7 @@ class TriggerChecked(_Model):
     checks: Annotated[list[CheckItem], Field(min_length=1, max_length=MAX_CHECKS)]
 
 
-class TriggerEvent(_Model):
+class TriggerEventMessage(_Model):
     trigger_event_id: Id
     trigger_id: Id
     trigger_name: str
@@ -115,7 +120,7 @@ class OperationExecuted(_Model):
     action_id: Id
     operation_id: Id
     kind: str
-    outcome: Literal["succeeded", "failed", "skipped"]
+    outcome: RunOutcome
     detail: str | None = None
 
 
@@ -123,8 +128,8 @@ DATA_MODELS: dict[str, type[_Model]] = {
     METRIC_LOAD_REQUESTED: MetricLoadRequested,
     METRIC_LOADED: MetricLoaded,
     TRIGGER_CHECKED: TriggerChecked,
-    TRIGGER_EVENT_PROBLEM: TriggerEvent,
-    TRIGGER_EVENT_OK: TriggerEvent,
+    TRIGGER_EVENT_PROBLEM: TriggerEventMessage,
+    TRIGGER_EVENT_OK: TriggerEventMessage,
     OPERATION_EXECUTED: OperationExecuted,
 }
 

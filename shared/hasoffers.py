@@ -1,6 +1,6 @@
 """HasOffers (TUNE) Network API v3 client: one httpx.Client per process.
 
-Facts it relies on (see HASOFFERS_API.md): every answer is HTTP 200 with an envelope
+Facts of the API it relies on: every answer is HTTP 200 with an envelope
 `{"response": {"status": 1 | -1, "data": ..., "errorMessage": ...}}`; nested
 parameters use PHP brackets; the rate limit is 50 calls per 10 s per network and is
 reported as an error whose message contains "API usage exceeded rate limit".

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from sqlalchemy import Engine
 
 from shared.handling import Handler
-from shared.rabbitmq import SERVICE_BINDINGS, BrokerUnavailableError, Bus, Consumer
+from shared.rabbitmq import SERVICE_BINDINGS, BrokerUnavailableError, Bus, Consumer, QueueMismatchError, QueueOptions
 from shared.db import DatabaseUnavailableError, make_engine, wait_for_database
 from shared.logs import configure_logging
 from shared.observability import ServiceMetrics, serve
@@ -21,6 +21,11 @@ logger = logging.getLogger(__name__)
 
 EXIT_DATABASE_UNAVAILABLE = 2
 EXIT_BROKER_UNAVAILABLE = 3
+EXIT_QUEUE_MISMATCH = 4
+
+
+def queue_options(settings: Settings) -> QueueOptions:
+    return QueueOptions(queue_type=settings.kpi_queue_type, delivery_limit=settings.kpi_delivery_limit)
 
 
 @dataclass
@@ -34,7 +39,8 @@ class Context:
     def publisher(self) -> Bus:
         """A separate confirming connection, for work outside the consume loop (a schedule)."""
         s = self.settings
-        return Bus(s.amqp_url.get_secret_value(), s.kpi_exchange, heartbeat=s.kpi_heartbeat_seconds)
+        return Bus(s.amqp_url.get_secret_value(), s.kpi_exchange, heartbeat=s.kpi_heartbeat_seconds,
+                   queues=queue_options(s))
 
 
 def run_service(service: str, consumes: str, make_handler: Callable[[Context], Handler],
@@ -65,6 +71,7 @@ def run_service(service: str, consumes: str, make_handler: Callable[[Context], H
         retry_delay_ms=settings.kpi_retry_delay_ms,
         startup_attempts=settings.kpi_startup_attempts,
         heartbeat=settings.kpi_heartbeat_seconds,
+        queues=queue_options(settings),
         on_outcome=metrics.record,
     )
 
@@ -79,13 +86,18 @@ def run_service(service: str, consumes: str, make_handler: Callable[[Context], H
     if background is not None:
         background(context, consumer)
 
-    logger.info("starting; exchange=%s", settings.kpi_exchange)
+    logger.info("starting; exchange=%s, %s", settings.kpi_exchange, queue_options(settings).describe())
     try:
         consumer.run()
     except BrokerUnavailableError as exc:
         logger.error("cannot start: %s", exc)
         print(f"{service}: cannot start: {exc}", file=sys.stderr)
         return EXIT_BROKER_UNAVAILABLE
+    except QueueMismatchError as exc:
+        # Retrying cannot help: the queues must be moved first (`kpi queues upgrade`).
+        logger.error("cannot start: %s", exc)
+        print(f"{service}: cannot start: {exc}", file=sys.stderr)
+        return EXIT_QUEUE_MISMATCH
     finally:
         engine.dispose()
     logger.info("stopped")

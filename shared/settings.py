@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -11,8 +13,15 @@ class Settings(BaseSettings):
 
     # Connections. URLs may carry passwords, so they are secrets too.
     database_url: SecretStr = SecretStr("postgresql+psycopg2://postgres@127.0.0.1:5432/kpi")
+    # One URL, or the nodes of a cluster comma-separated (tried in turn).
     amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/%2F")
     kpi_exchange: str = Field("kpi.events", min_length=1, max_length=200)
+    # Queues (shared/rabbitmq/topology.py). Every process of a deployment must agree;
+    # `kpi queues upgrade` moves existing queues to new settings.
+    kpi_queue_type: Literal["quorum", "classic"] = "quorum"
+    # Returns of a message to a quorum work queue (its consumer crashed or lost its
+    # connection) before RabbitMQ dead-letters it.
+    kpi_delivery_limit: int = Field(20, ge=1, le=1_000_000)
 
     # HasOffers
     hasoffers_base_url: str = "https://api.hasoffers.com/Apiv3/json"

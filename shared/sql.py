@@ -1,4 +1,7 @@
-"""Set-based SQL helpers shared by the handlers that write in bulk.
+"""How the services talk SQL: every transaction through `transaction` (and a session
+that commits step by step, or only reads, through `connection`); statements are
+select()/insert()/update() on the models of shared.db, and the bulk paths use the
+set-based helpers below.
 
 A batch goes to PostgreSQL as one array per column and comes back as rows through
 `unnest`, so a statement costs one round trip whatever the batch size, and its text
@@ -87,14 +90,45 @@ def is_transient(exc: DBAPIError) -> bool:
 
 
 @contextmanager
-def transaction(engine: Engine) -> Iterator[Connection]:
-    """One transaction; a deadlock, serialization failure or lost connection becomes a
-    RetryableError so the bus tries the message again later (it rolled back entirely)."""
+def _transient_retried() -> Iterator[None]:
     try:
-        with engine.begin() as conn:
-            yield conn
+        yield
     except DBAPIError as exc:
         if is_transient(exc):
             sqlstate = getattr(exc.orig, "pgcode", None) or type(exc.orig).__name__
             raise RetryableError(f"transient database error ({sqlstate}): {str(exc.orig).strip()[:300]}") from exc
         raise
+
+
+@contextmanager
+def transaction(engine: Engine) -> Iterator[Connection]:
+    """One transaction, committed at the end of the block: the way handlers write. A
+    deadlock, serialization failure or lost connection becomes a RetryableError so the
+    bus tries the message again later (it rolled back entirely)."""
+    with _transient_retried(), engine.begin() as conn:
+        yield conn
+
+
+@contextmanager
+def connection(engine: Engine) -> Iterator[Connection]:
+    """A connection for reads, or for work that commits step by step on one session (the
+    action_runner holds a run's advisory lock across several commits); transient errors
+    become RetryableError as in `transaction`."""
+    with _transient_retried(), engine.connect() as conn:
+        yield conn
+
+
+def run_script(engine: Engine, sql: str) -> None:
+    """Run a whole SQL script (several statements, maybe its own BEGIN/COMMIT), as psql
+    would: the seed files operators write. Through the driver's cursor, because a
+    statement of SQLAlchemy's is one statement; rolled back if any part fails."""
+    connection = engine.raw_connection()
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(sql)
+        connection.commit()
+    except Exception:
+        connection.rollback()
+        raise
+    finally:
+        connection.close()

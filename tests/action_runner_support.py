@@ -1,104 +1,19 @@
-"""For the action_runner tests: a real local SMTP server that records what it receives,
-and helpers that seed actions, operations and trigger events with SQL."""
+"""For the action_runner tests: helpers that seed actions, operations and trigger events
+with SQL, and the HasOffers side of the same world (the SMTP sink is testkit.smtp)."""
 
 from __future__ import annotations
 
-import asyncio
-import email
-import socket
-import threading
-from dataclasses import dataclass
 from datetime import datetime, timezone
-from email import policy
-from email.message import EmailMessage
 from typing import Any
 
-from aiosmtpd.controller import Controller
 from sqlalchemy import Connection, Engine, text
 
-from services.fake_hasoffers.network import FakeAffiliate, FakeOffer, Network
-from shared.events import TRIGGER_EVENT_OK, TRIGGER_EVENT_PROBLEM, Envelope, TriggerEvent, new_event, stable_event_id
+from shared.events import (
+    TRIGGER_EVENT_OK, TRIGGER_EVENT_PROBLEM, Envelope, TriggerEventMessage, new_event, stable_event_id,
+)
+from testkit.fake_hasoffers.network import FakeAffiliate, FakeOffer, Network
 
 MEASURED_AT = datetime(2026, 11, 28, 10, 0, tzinfo=timezone.utc)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class ReceivedMail:
-    mail_from: str
-    rcpt_tos: list[str]
-    raw: bytes
-    message: EmailMessage
-
-    def part(self, subtype: str) -> str:
-        found = self.message.get_body(preferencelist=(subtype,))
-        assert found is not None and found.get_content_subtype() == subtype, f"no text/{subtype} part"
-        return found.get_content()
-
-
-class FakeSmtpServer:
-    """aiosmtpd on 127.0.0.1:<port>. `replies` are answered to the next DATA commands instead
-    of accepting them (e.g. "451 4.3.0 try again later"); `delay` holds each accepted mail;
-    `together` holds each mail until that many are being sent at once (a barrier, 10 s at
-    most), and `most_at_once` says how many were."""
-
-    def __init__(self, port: int | None = None, delay: float = 0.0):
-        self.port = port or free_port()
-        self.delay = delay
-        self.together = 0
-        self.most_at_once = 0
-        self.replies: list[str] = []
-        self.received: list[ReceivedMail] = []
-        self.data_commands = 0
-        self._in_flight = 0
-        self._lock = threading.Lock()
-        self._controller: Controller | None = None
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
-        with self._lock:
-            self.data_commands += 1
-            if self.replies:
-                return self.replies.pop(0)
-            self._in_flight += 1
-            self.most_at_once = max(self.most_at_once, self._in_flight)
-        try:
-            deadline = asyncio.get_running_loop().time() + 10
-            while self.most_at_once < self.together and asyncio.get_running_loop().time() < deadline:
-                await asyncio.sleep(0.01)
-            if self.delay:
-                await asyncio.sleep(self.delay)
-        finally:
-            with self._lock:
-                self._in_flight -= 1
-        raw = envelope.content if isinstance(envelope.content, bytes) else envelope.content.encode()
-        message = email.message_from_bytes(raw, policy=policy.default)
-        with self._lock:
-            self.received.append(ReceivedMail(envelope.mail_from, list(envelope.rcpt_tos), raw, message))
-        return "250 OK"
-
-    def start(self) -> FakeSmtpServer:
-        self._controller = Controller(self, hostname="127.0.0.1", port=self.port)
-        self._controller.start()
-        return self
-
-    def stop(self) -> None:
-        if self._controller is not None:
-            self._controller.stop()
-            self._controller = None
-
-    def mails(self) -> list[ReceivedMail]:
-        with self._lock:
-            return list(self.received)
-
-    @property
-    def env(self) -> dict[str, str]:
-        return {"SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(self.port), "MAIL_FROM": "kpi@kpi.example",
-                "SMTP_TIMEOUT_SECONDS": "5"}
 
 
 # -- seeding --------------------------------------------------------------------------------
@@ -164,7 +79,7 @@ _check_ids = iter(range(1000, 10**9))
 def add_trigger_event(conn: Connection, trigger_id: int = TRIGGER, offer_id: int = OFFER,
                       affiliate_id: int = AFFILIATE, status: str = "PROBLEM", previous: str | None = "OK",
                       value: float = 0.01, threshold: float = 0.05,
-                      measured_at: datetime = MEASURED_AT) -> TriggerEvent:
+                      measured_at: datetime = MEASURED_AT) -> TriggerEventMessage:
     """A trigger_events row (and the state it produced), and the message that announces it."""
     check_id = next(_check_ids)
     trigger_event_id = conn.execute(text("""
@@ -175,12 +90,12 @@ def add_trigger_event(conn: Connection, trigger_id: int = TRIGGER, offer_id: int
            "v": value, "th": threshold, "m": measured_at}).scalar_one()
     set_state(conn, trigger_id, offer_id, affiliate_id, status)
     name = conn.execute(text("SELECT name FROM triggers WHERE id = :t"), {"t": trigger_id}).scalar_one()
-    return TriggerEvent(trigger_event_id=trigger_event_id, trigger_id=trigger_id, trigger_name=name,
+    return TriggerEventMessage(trigger_event_id=trigger_event_id, trigger_id=trigger_id, trigger_name=name,
                         offer_id=offer_id, affiliate_id=affiliate_id, previous_status=previous, status=status,
                         value=value, threshold=threshold, measured_at=measured_at, check_id=check_id)
 
 
-def envelope_of(event: TriggerEvent) -> Envelope:
+def envelope_of(event: TriggerEventMessage) -> Envelope:
     # Deterministic, as the event detector makes it: a redelivery is the very same event.
     return new_event(TRIGGER_EVENT_PROBLEM if event.status == "PROBLEM" else TRIGGER_EVENT_OK, event,
                      correlation_id="test", event_id=stable_event_id("trigger.event", event.trigger_event_id))

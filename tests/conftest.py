@@ -5,7 +5,6 @@ Everything runs against the real RabbitMQ and PostgreSQL on this machine.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -13,10 +12,12 @@ import pika
 import pytest
 from sqlalchemy import Engine, text
 
-from shared import migrate
-from shared.rabbitmq import Bus
 from shared.db import Base, make_engine
-from tests.support import AMQP_URL, PG_ADMIN_URL, ServiceProcess, delete_topology
+from shared.rabbitmq import Bus
+from testkit.broker import temporary_exchange
+from testkit.database import temporary_database
+from testkit.processes import ServiceProcess
+from tests.support import AMQP_URL, PG_ADMIN_URL
 
 # Tables whose rows a test may leave behind; `metrics` keeps its seed.
 KEEP = {"metrics", "alembic_version"}
@@ -39,30 +40,11 @@ def _check_services() -> None:
         )
 
 
-def create_database(name: str) -> str:
-    admin = make_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    return PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-
-
-def drop_database(name: str) -> None:
-    admin = make_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
-
-
 @pytest.fixture(scope="session")
 def database_url() -> Iterator[str]:
     _check_services()
-    name = f"kpi_test_{uuid.uuid4().hex[:10]}"
-    url = create_database(name)
-    migrate.upgrade(url)
-    yield url
-    drop_database(name)
+    with temporary_database(PG_ADMIN_URL, "kpi_test") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -83,9 +65,8 @@ def db(engine: Engine) -> Engine:
 
 @pytest.fixture
 def exchange() -> Iterator[str]:
-    name = f"kpi.test.{uuid.uuid4().hex[:10]}"
-    yield name
-    delete_topology(name)
+    with temporary_exchange(AMQP_URL, "kpi.test") as name:
+        yield name
 
 
 @pytest.fixture
@@ -121,8 +102,7 @@ def start_service(service_env: dict[str, str], tmp_path: Path) -> Iterator[Calla
 
     yield start
     for process in started:
-        if process.process is not None and process.process.poll() is None:
-            process.kill()
+        process.kill()
 
 
 @pytest.fixture

@@ -10,9 +10,13 @@ from collections.abc import Callable, Iterator
 import pytest
 from sqlalchemy import text
 
-from services.fake_hasoffers.server import FakeHasOffers
 from shared.rabbitmq import H_REASON, Bus, queue_names
 from shared.events import OPERATION_EXECUTED, new_event
+from testkit.fake_hasoffers.server import FakeHasOffers
+from testkit.ports import free_port
+from testkit.processes import ServiceProcess
+from testkit.smtp import FakeSmtpServer
+from testkit.waiting import wait_for
 from tests.action_runner_support import (
     fake_network,
     AFFILIATE,
@@ -21,16 +25,14 @@ from tests.action_runner_support import (
     OFFER_APPROVAL,
     TRIGGER,
     TRIGGER_2,
-    FakeSmtpServer,
     add_action,
     add_operation,
     add_trigger_event,
     envelope_of,
-    free_port,
     runs,
     set_state,
 )
-from tests.support import ServiceProcess, drain, queue_depth, wait_for
+from tests.support import drain, queue_depth
 
 SERVICE = "action_runner"
 

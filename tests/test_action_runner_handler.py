@@ -10,10 +10,9 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import text
 
-from services.action_runner.handler import RUN_LOCK, handle
+from services.action_runner.execution import RUN_LOCK
+from services.action_runner.handler import handle_trigger_event
 from services.action_runner.mailer import Mail, MailRejectedError, MailTransientError, SmtpMailer
-from services.fake_hasoffers.network import FakeOffer
-from services.fake_hasoffers.server import FakeHasOffers
 from shared.handling import RetryableError
 from shared.events import (
     OPERATION_EXECUTED,
@@ -25,6 +24,9 @@ from shared.events import (
 )
 from shared.hasoffers import HasOffersClient
 from shared.settings import Settings
+from testkit.fake_hasoffers.network import FakeOffer
+from testkit.fake_hasoffers.server import FakeHasOffers
+from testkit.smtp import FakeSmtpServer
 from tests.action_runner_support import (
     fake_network,
     AFFILIATE,
@@ -34,7 +36,6 @@ from tests.action_runner_support import (
     OFFER_APPROVAL,
     TRIGGER,
     TRIGGER_2,
-    FakeSmtpServer,
     add_action,
     add_operation,
     add_trigger_event,
@@ -97,7 +98,7 @@ def settings(**overrides) -> Settings:
 
 
 def run(world, envelope, mailer, api=None, **overrides):
-    return handle(envelope, engine=world, mailer=mailer, hasoffers=api, settings=settings(**overrides))
+    return handle_trigger_event(envelope, engine=world, mailer=mailer, hasoffers=api, settings=settings(**overrides))
 
 
 def one_action(world, *kinds, conditions=((TRIGGER, "PROBLEM"),), active=True, **templates):
@@ -295,7 +296,7 @@ def test_two_replicas_with_the_same_event_send_once(world):
 
 
 def test_a_run_held_by_a_delivery_that_is_then_lost_is_not_stranded(world, mailer):
-    # Found by scripts/fault_suite.py: replica A held a run when RabbitMQ restarted, so the
+    # Found by the fault suite: replica A held a run when RabbitMQ restarted, so the
     # broker handed A's delivery to replica B, which found the run locked and acked. A then
     # finished the run but had no delivery left to announce it; had A's attempt failed (or
     # had A died), the run would have stayed pending for good.

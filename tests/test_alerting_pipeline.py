@@ -10,7 +10,8 @@ from sqlalchemy import text
 
 from services.trigger_checker.handler import handle_metric_loaded
 from shared.rabbitmq import queue_names
-from tests.support import drain, queue_depth, wait_for
+from testkit.waiting import wait_for
+from tests.support import drain, queue_depth
 from tests.trigger_scenario import check_items, checked_message, metric_loaded, published_events
 
 OFFERS = (101, 102)

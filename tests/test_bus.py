@@ -1,9 +1,6 @@
 """The bus against the real RabbitMQ: publish, consume, ack, dead letters, retries."""
 
 import json
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime, timezone
 
 import pytest
@@ -11,7 +8,10 @@ import pytest
 from shared.handling import HandlerResult, RetryableError
 from shared.rabbitmq import H_HISTORY, H_REASON, H_RETRIES, Bus, Consumer, PublishError, queue_names, read_dead_letters, replay_dead_letters
 from shared.events import METRIC_LOADED, new_event
-from tests.support import AMQP_URL, ServiceProcess, drain, queue_depth, wait_for
+from testkit.broker import consuming
+from testkit.processes import ServiceProcess
+from testkit.waiting import wait_for
+from tests.support import AMQP_URL, drain, queue_depth
 
 
 def metric_event(value=0.5):
@@ -20,17 +20,8 @@ def metric_event(value=0.5):
          "measured_at": datetime(2026, 11, 1, tzinfo=timezone.utc).isoformat()}]})
 
 
-@contextmanager
-def running(consumer: Consumer) -> Iterator[Consumer]:
-    thread = threading.Thread(target=consumer.run, daemon=True)
-    thread.start()
-    assert consumer.ready.wait(10), "consumer did not connect"
-    try:
-        yield consumer
-    finally:
-        consumer.stop()
-        thread.join(10)
-        assert not thread.is_alive()
+def running(consumer: Consumer):
+    return consuming(consumer, stop_within=10)
 
 
 def make_consumer(exchange, handler, **kwargs) -> Consumer:

@@ -10,8 +10,9 @@ from sqlalchemy import text
 
 from shared.rabbitmq import queue_names
 from shared.events import METRIC_LOADED
-from tests.conftest import create_database, drop_database
-from tests.support import ROOT, drain, queue_depth, wait_for
+from testkit.database import create_database, drop_database
+from testkit.waiting import wait_for
+from tests.support import PG_ADMIN_URL, ROOT, drain, queue_depth
 
 
 def kpi(env, *args, timeout=60):
@@ -21,7 +22,7 @@ def kpi(env, *args, timeout=60):
 
 def test_migrate_then_seed_a_fresh_database(service_env):
     name = f"kpi_cli_{uuid.uuid4().hex[:8]}"
-    url = create_database(name)
+    url = create_database(PG_ADMIN_URL, name)
     env = {**service_env, "DATABASE_URL": url}
     try:
         result = kpi(env, "migrate")
@@ -33,7 +34,7 @@ def test_migrate_then_seed_a_fresh_database(service_env):
         assert "min CR" in result.stdout and "offer 2 / affiliate 5" in result.stdout
         assert "category 3" in result.stdout
     finally:
-        drop_database(name)
+        drop_database(PG_ADMIN_URL, name)
 
 
 def test_seed_errors_are_clear(service_env, db, tmp_path):

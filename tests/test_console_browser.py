@@ -4,7 +4,6 @@ where it is missing (CI runs it); without one these tests are skipped, saying so
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -12,17 +11,17 @@ import pytest
 from pydantic import SecretStr
 from sqlalchemy import text
 
-from shared import migrate
 from shared.console.app import create_app
 from shared.console.security import Credentials
 from shared.console.server import console_engine
 from shared.db import make_engine
 from shared.rabbitmq import Bus
 from shared.settings import Settings
-from tests.conftest import create_database, drop_database
-from tests.console_support import CHROMIUM_ARGS, chromium_path, running_console
-from tests.console_world import seed_console_world
-from tests.support import AMQP_URL, delete_topology
+from testkit.broker import temporary_exchange
+from testkit.console import CHROMIUM_ARGS, chromium_path, running_console
+from testkit.console_world import seed_console_world
+from testkit.database import temporary_database
+from tests.support import AMQP_URL, PG_ADMIN_URL
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[test]')")
 
@@ -48,13 +47,15 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served() -> Iterator[Served]:
-    name = f"kpi_browser_{uuid.uuid4().hex[:10]}"
-    url = create_database(name)
-    exchange = f"kpi.test.browser.{uuid.uuid4().hex[:8]}"
+    with (temporary_database(PG_ADMIN_URL, "kpi_browser") as url,
+          temporary_exchange(AMQP_URL, "kpi.test.browser") as exchange):
+        yield from _served(url, exchange)
+
+
+def _served(url: str, exchange: str) -> Iterator[Served]:
     engine = make_engine(url)
     console = None
     try:
-        migrate.upgrade(url)
         with engine.begin() as conn:
             seed_console_world(conn, offers=8, affiliates=6, rounds=ROUNDS)
             trigger_id, offer_id, affiliate_id = conn.execute(text(
@@ -72,8 +73,6 @@ def served() -> Iterator[Served]:
         if console is not None:
             console.dispose()
         engine.dispose()
-        drop_database(name)
-        delete_topology(exchange)
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,9 @@ import sys
 import httpx
 import pytest
 
-from tests.action_runner_support import free_port
-from tests.support import ROOT, wait_for
+from testkit.ports import free_port
+from testkit.waiting import wait_for
+from tests.support import ROOT
 
 NO_CREDENTIALS = {"KPI_WEB_USER": "", "KPI_WEB_PASSWORD": ""}
 

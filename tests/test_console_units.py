@@ -25,7 +25,7 @@ from shared.console.rendering import ago, json_response, render
 from shared.console.security import Credentials, CsrfTokens
 from shared.console.server import ConsoleConfigError, console_engine, credentials_for
 from shared.settings import Settings
-from tests.console_support import running_console
+from testkit.console import running_console
 
 T0 = datetime(2026, 11, 27, 22, 0, tzinfo=timezone.utc)
 

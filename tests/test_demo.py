@@ -8,7 +8,7 @@ from tests.support import ROOT
 
 
 def test_the_demo_runs_the_pipeline_and_prints_a_summary():
-    result = subprocess.run([sys.executable, str(ROOT / "scripts/demo.py")],
+    result = subprocess.run([sys.executable, "-m", "scripts.demo"],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     out = result.stdout
     assert result.returncode == 0, out + result.stderr

@@ -11,7 +11,7 @@ from sqlalchemy import text
 from services.event_detector.handler import handle_trigger_checked
 from services.trigger_checker.handler import handle_metric_loaded
 from shared.events import (
-    TRIGGER_EVENT_OK, TRIGGER_EVENT_PROBLEM, InvalidMessageError, TriggerEvent, encode, parse_envelope,
+    TRIGGER_EVENT_OK, TRIGGER_EVENT_PROBLEM, InvalidMessageError, TriggerEventMessage, encode, parse_envelope,
     stable_event_id,
 )
 from tests.trigger_scenario import (
@@ -64,7 +64,7 @@ def test_the_scenario_gives_the_expected_states_and_events(db):
         rows = {r.id: r for r in conn.execute(text("SELECT * FROM trigger_events"))}
         names = dict(conn.execute(text("SELECT id, name FROM triggers")).all())
     for event in published:
-        data = TriggerEvent.model_validate(event.data)
+        data = TriggerEventMessage.model_validate(event.data)
         row = rows[data.trigger_event_id]
         assert event.event_id == stable_event_id("trigger_event", row.id)
         assert event.type == {"PROBLEM": TRIGGER_EVENT_PROBLEM, "OK": TRIGGER_EVENT_OK}[row.status]

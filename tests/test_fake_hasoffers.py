@@ -11,9 +11,9 @@ from datetime import datetime, timezone
 import httpx
 import pytest
 
-from services.fake_hasoffers.network import Network, StatRow, generate
-from services.fake_hasoffers.server import FakeHasOffers
 from shared.hasoffers import HasOffersApiError, HasOffersClient
+from testkit.fake_hasoffers.network import Network, StatRow, generate
+from testkit.fake_hasoffers.server import FakeHasOffers
 from tests.support import ROOT
 
 TOKEN = "NETfake-read-tests-token"
@@ -272,7 +272,7 @@ def test_rate_limit_answers_like_the_real_api():
 def test_runs_standalone_and_stops_on_sigterm():
     token = "NETstandalone-secret-token"
     process = subprocess.Popen(
-        [sys.executable, "-m", "services.fake_hasoffers", "--host", "127.0.0.1", "--port", "0", "--seed", "5",
+        [sys.executable, "-m", "testkit.fake_hasoffers", "--host", "127.0.0.1", "--port", "0", "--seed", "5",
          "--offers", "6", "--affiliates", "4", "--network-id", "demo", "--token", token],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

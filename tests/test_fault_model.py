@@ -1,19 +1,13 @@
-"""The fault suite's reference model (scripts/fault_model.py) against the rules of
+"""The fault suite's reference model (testkit/fault_suite/model.py) against the rules of
 DESIGN.md sections 4 and 8, on cases small enough to follow by hand."""
 
 from __future__ import annotations
 
-import importlib.util
 import random
-import sys
 from datetime import datetime, timedelta, timezone
 
-from services.fake_hasoffers.network import StatRow, generate
-from tests.support import ROOT
-
-_spec = importlib.util.spec_from_file_location("fault_model", ROOT / "scripts/fault_model.py")
-fm = sys.modules.setdefault("fault_model", importlib.util.module_from_spec(_spec))
-_spec.loader.exec_module(fm)
+from testkit.fake_hasoffers.network import StatRow, generate
+from testkit.fault_suite import model as fm
 
 T0 = datetime(2026, 11, 27, tzinfo=timezone.utc)
 PEOPLE = fm.People(users={1: ("a@aff.example", "b@aff.example")}, managers={1: "m@net.example", 2: None},

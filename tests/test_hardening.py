@@ -13,8 +13,6 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import quote, quote_plus
@@ -22,16 +20,18 @@ from urllib.parse import quote, quote_plus
 import pytest
 from sqlalchemy import text
 
-from services.fake_hasoffers.network import generate
-from services.fake_hasoffers.server import FakeHasOffers
 from shared.events import METRIC_LOAD_REQUESTED, METRIC_LOADED, TRIGGER_CHECKED, MetricLoadRequested, new_event
 from shared.handling import REASONS_KEY, Delivery, RetryableError
 from shared.hasoffers import HasOffersClient, HasOffersResponseError
 from shared.rabbitmq import H_HISTORY, H_REASON, H_RETRIES, Bus, Consumer, queue_names, replay_dead_letters
 from shared.rabbitmq.headers import REASON_MAX
-from tests.action_runner_support import AFFILIATE, OFFER, FakeSmtpServer, add_action, add_operation, \
-    add_trigger_event, envelope_of
-from tests.support import AMQP_URL, ROOT, ServiceProcess, drain, queue_depth, wait_for
+from testkit.broker import consuming
+from testkit.fake_hasoffers.network import generate
+from testkit.fake_hasoffers.server import FakeHasOffers
+from testkit.smtp import FakeSmtpServer
+from testkit.waiting import wait_for
+from tests.action_runner_support import AFFILIATE, OFFER, add_action, add_operation, add_trigger_event, envelope_of
+from tests.support import AMQP_URL, ROOT, drain, queue_depth
 
 NOW = datetime.now(timezone.utc).replace(microsecond=0)
 TOKEN = "NET+hardening/" + uuid.uuid4().hex[:8] + "=x y"
@@ -77,19 +77,6 @@ def checked_messages(exchange: str) -> list[dict]:
 
 
 # -- 1. long handlers keep their connection; no message loops forever -----------------------
-
-
-@contextmanager
-def consuming(consumer: Consumer) -> Iterator[Consumer]:
-    thread = threading.Thread(target=consumer.run, daemon=True)
-    thread.start()
-    assert consumer.ready.wait(10), "consumer did not connect"
-    try:
-        yield consumer
-    finally:
-        consumer.stop()
-        thread.join(30)
-        assert not thread.is_alive(), "the consumer did not stop"
 
 
 def test_a_handler_longer_than_several_heartbeats_keeps_its_connection(bus, exchange, caplog):

@@ -5,11 +5,11 @@ import time
 
 import pytest
 
-from services.fake_hasoffers.network import FakeAffiliate, FakeOffer, Network
-from services.fake_hasoffers.server import FakeHasOffers, parse_params
 from shared.hasoffers import (
     HasOffersApiError, HasOffersClient, HasOffersResponseError, HasOffersUnavailableError, encode_params,
 )
+from testkit.fake_hasoffers.network import FakeAffiliate, FakeOffer, Network
+from testkit.fake_hasoffers.server import FakeHasOffers, parse_params
 
 TOKEN = "NETs3cr3t-token-value"
 

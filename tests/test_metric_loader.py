@@ -14,11 +14,13 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from sqlalchemy import text
 
-from services.fake_hasoffers.network import Network, generate
-from services.fake_hasoffers.server import FakeHasOffers
 from shared.rabbitmq import queue_names
-from shared.events import METRIC_KEYS, METRIC_LOAD_REQUESTED, MetricLoadRequested, new_event
-from tests.support import drain, queue_depth, wait_for
+from shared.events import METRIC_LOAD_REQUESTED, MetricLoadRequested, new_event
+from shared.vocabulary import METRIC_KEYS
+from testkit.fake_hasoffers.network import Network, generate
+from testkit.fake_hasoffers.server import FakeHasOffers
+from testkit.waiting import wait_for
+from tests.support import drain, queue_depth
 
 TOKEN = "NETloader-" + uuid.uuid4().hex
 GENERAL_MIN_CLICKS = 20

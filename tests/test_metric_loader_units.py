@@ -7,17 +7,18 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from sqlalchemy import text
 
-from services.fake_hasoffers.network import FakeOffer, Network, StatRow
-from services.fake_hasoffers.server import FakeHasOffers
-from services.metric_loader import metrics
-from services.metric_loader.handler import LoaderConfig, handle
-from services.metric_loader.metrics import OfferSettings, Totals
+from services.metric_loader import computation
+from services.metric_loader.handler import LoaderConfig, handle_load_requested
+from services.metric_loader.computation import OfferSettings, Totals
 from services.metric_loader.schedule import Schedule
 from shared.handling import HandlerResult
 from shared.events import (
-    METRIC_KEYS, METRIC_LOAD_REQUESTED, REFERENCE, MetricLoaded, MetricLoadRequested, encode, new_event, parse_data, parse_envelope,
+    METRIC_LOAD_REQUESTED, MetricLoaded, MetricLoadRequested, encode, new_event, parse_data, parse_envelope,
 )
 from shared.hasoffers import HasOffersClient, HasOffersResponseError
+from shared.vocabulary import METRIC_KEYS, REFERENCE
+from testkit.fake_hasoffers.network import FakeOffer, Network, StatRow
+from testkit.fake_hasoffers.server import FakeHasOffers
 
 TOKEN = "NETunits-token"
 
@@ -41,8 +42,8 @@ def covered(filters: list[dict], moment: datetime) -> int:
 def test_the_window_filters_select_each_hour_of_the_look_back_exactly_once(lookback, clock):
     hour, minute = map(int, clock.split(":"))
     measured_at = datetime(2026, 3, 1, hour, minute, 17, tzinfo=timezone.utc)  # after a short February
-    start, end = metrics.window(measured_at, lookback)
-    filters = metrics.window_filters(start, end)
+    start, end = computation.window(measured_at, lookback)
+    filters = computation.window_filters(start, end)
     assert 1 <= len(filters) <= 3
     inside = {end - timedelta(hours=h) for h in range(lookback)}
     assert end == measured_at.replace(minute=0, second=0) and len(inside) == lookback
@@ -58,7 +59,7 @@ def settings(offer_id: int = 1, min_clicks: int = 0, min_conversions: int = 0, g
 
 def totals_of(key: str, rows: list[dict], offers) -> Totals:
     totals = Totals(sums={})
-    metrics.accumulate(totals, key, rows, offers)
+    computation.accumulate(totals, key, rows, offers)
     return totals
 
 
@@ -71,29 +72,29 @@ def test_values_follow_the_contract():
             {"offer_id": "1", "affiliate_id": "2", "clicks": "9", "conversions": "0", "gross_clicks": "15",
              "profit": "0"},
             {"offer_id": "7", "affiliate_id": "2", "clicks": "99", "conversions": "0"}]  # not monitored
-    cr = metrics.values("cr", totals_of("cr", rows, offers), offers, {}, 24, 0.1)
+    cr = computation.values("cr", totals_of("cr", rows, offers), offers, {}, 24, 0.1)
     assert cr == [(1, 1, 0.1)]  # (−1 + 2) / 10; pair (1, 2) is under 10 clicks
-    pacc = metrics.values("pacc", totals_of("pacc", rows, offers), offers, {}, 24, 0.1)
+    pacc = computation.values("pacc", totals_of("pacc", rows, offers), offers, {}, 24, 0.1)
     assert pacc == [(1, 1, pytest.approx(2.25 - 1.2)), (1, 2, pytest.approx(-1.5))]
-    zero = metrics.values("clicks_zero_conv", totals_of("clicks_zero_conv", rows, offers), offers, {}, 24, 0.1)
+    zero = computation.values("clicks_zero_conv", totals_of("clicks_zero_conv", rows, offers), offers, {}, 24, 0.1)
     assert zero == []  # (1, 2) has no conversion but too few clicks
 
     goal_rows = [{"offer_id": "1", "affiliate_id": a, "goal_id": g, "conversions": c}
                  for a, g, c in [("1", "0", "4"), ("1", "5", "1"), ("1", "6", "9"), ("2", "0", "1"),
                                  ("3", "5", "3"), ("4", "0", "0")]]
-    gtr = metrics.values("gtr", totals_of("gtr", goal_rows, offers), offers, {}, 24, 0)
+    gtr = computation.values("gtr", totals_of("gtr", goal_rows, offers), offers, {}, 24, 0)
     assert gtr == [(1, 1, 0.25)]  # other goals ignored; 1 default conversion < 2; none at all; zero
 
     caps = {(1, 1): 10, (1, 2): 0}
     cap_rows = [{"offer_id": "1", "affiliate_id": "1", "conversions": "30"},
                 {"offer_id": "1", "affiliate_id": "2", "conversions": "30"}]
-    assert metrics.values("cap_fill", totals_of("cap_fill", cap_rows, offers), offers, caps, 72, 0) == [(1, 1, 1.0)]
+    assert computation.values("cap_fill", totals_of("cap_fill", cap_rows, offers), offers, caps, 72, 0) == [(1, 1, 1.0)]
 
 
 def test_zero_clicks_give_a_rate_of_zero_when_the_minimum_allows():
     offers = settings(min_clicks=0)
     rows = [{"offer_id": "1", "affiliate_id": "3", "clicks": "0", "conversions": "-2"}]
-    assert metrics.values("cr", totals_of("cr", rows, offers), offers, {}, 24, 0) == [(1, 3, 0.0)]
+    assert computation.values("cr", totals_of("cr", rows, offers), offers, {}, 24, 0) == [(1, 3, 0.0)]
 
 
 @pytest.mark.parametrize("row, message", [
@@ -128,7 +129,7 @@ def test_the_handler_publishes_batches_of_1000_with_one_measured_at_and_stable_i
     config = LoaderConfig(page_size=900, min_clicks=10)
     request = new_event(METRIC_LOAD_REQUESTED, MetricLoadRequested(metric_key="cr", lookback_hours=2))
     with HasOffersClient(big_fake.base_url, "n", TOKEN, max_attempts=1) as client:
-        result = handle(request, engine=db, client=client, config=config)
+        result = handle_load_requested(request, engine=db, client=client, config=config)
         assert [len(e.data["metrics"]) for e in result.events] == [1000, 1000, 500]
         for event in result.events:  # valid on the wire
             data = parse_data(parse_envelope(encode(event)))
@@ -139,17 +140,17 @@ def test_the_handler_publishes_batches_of_1000_with_one_measured_at_and_stable_i
         assert values[3] == 0 and values[4] == 1 / 40 and values[5] == 2 / 40
 
         # Delivered again before the batches were confirmed: the same batches again.
-        retried = handle(request, engine=db, client=client, config=config)
+        retried = handle_load_requested(request, engine=db, client=client, config=config)
         assert [(e.event_id, e.data) for e in retried.events] == [(e.event_id, e.data) for e in result.events]
         with db.connect() as conn:
             assert conn.execute(text("SELECT status FROM load_runs")).scalar() == "running"
         retried.after_publish()  # what the consumer does once they are confirmed
         # Delivered again after that: the run succeeded, nothing to do.
-        assert handle(request, engine=db, client=client, config=config) == HandlerResult()
+        assert handle_load_requested(request, engine=db, client=client, config=config) == HandlerResult()
         # Replayed after it failed: the same run again, with the same ids and measured_at.
         with db.begin() as conn:
             conn.execute(text("UPDATE load_runs SET status = 'failed'"))
-        again = handle(request, engine=db, client=client, config=config)
+        again = handle_load_requested(request, engine=db, client=client, config=config)
         again.after_publish()
     assert [e.event_id for e in again.events] == [e.event_id for e in result.events]
     assert again.events[0].data == result.events[0].data

@@ -6,12 +6,13 @@ from sqlalchemy import inspect, text
 
 from shared import migrate
 from shared.db import Base, make_engine
-from tests.conftest import create_database, drop_database
+from testkit.database import create_database, drop_database
+from tests.support import PG_ADMIN_URL
 
 
 def test_upgrade_and_downgrade_on_an_empty_database():
     name = f"kpi_mig_{uuid.uuid4().hex[:8]}"
-    url = create_database(name)
+    url = create_database(PG_ADMIN_URL, name)
     engine = make_engine(url)
     try:
         migrate.upgrade(url)
@@ -28,7 +29,7 @@ def test_upgrade_and_downgrade_on_an_empty_database():
         assert set(Base.metadata.tables) <= set(inspect(engine).get_table_names())
     finally:
         engine.dispose()
-        drop_database(name)
+        drop_database(PG_ADMIN_URL, name)
 
 
 def test_models_agree_with_migrations(engine):

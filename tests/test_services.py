@@ -12,7 +12,9 @@ from sqlalchemy import text
 from shared.rabbitmq import queue_names
 from shared.events import METRIC_LOADED, new_event
 from shared.service import EXIT_BROKER_UNAVAILABLE, EXIT_DATABASE_UNAVAILABLE
-from tests.support import ROOT, queue_depth, wait_for
+from testkit.ports import free_port
+from testkit.waiting import wait_for
+from tests.support import ROOT, queue_depth
 
 SERVICES = ["metric_loader", "trigger_checker", "event_detector", "action_runner"]
 
@@ -82,14 +84,6 @@ def test_the_example_seed_loads_with_psql(db, database_url):
         metrics = {row[0] for row in conn.execute(text("SELECT DISTINCT metric_key FROM triggers"))}
     assert counts == {"triggers": 6, "scopes": 4, "kinds": 5, "actions": 2}
     assert metrics == {"cr", "pacc", "gtr", "cap_fill", "clicks_zero_conv"}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_metrics_endpoint_counts_what_was_handled_and_logs_are_json(start_service, bus, exchange):

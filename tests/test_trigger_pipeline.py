@@ -13,7 +13,8 @@ from sqlalchemy import text
 from services.trigger_checker.handler import handle_metric_loaded
 from shared.rabbitmq import queue_names, read_dead_letters
 from shared.events import new_event
-from tests.support import drain, queue_depth, wait_for
+from testkit.waiting import wait_for
+from tests.support import drain, queue_depth
 from tests.trigger_scenario import (
     BATCHES, actual_checks, actual_events, actual_states, as_model_events, assert_consistent_history, at,
     check_items, checked_message, expected_checks, metric_loaded, model_of_batches, model_of_whole_pairs,

@@ -10,24 +10,22 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from sqlalchemy import Connection, func, select
 
 from services.action_runner.mailer import Mail, Mailer, MailRejectedError, clean_recipients
 from services.action_runner.templates import MacroValues, format_number, html_to_text, render_html, render_subject
 from shared.db import Administrator, Affiliate, AffiliateUser, Employee
-from shared.events import TriggerEvent, stable_event_id
+from shared.events import TriggerEventMessage, stable_event_id
 from shared.hasoffers import HasOffersClient, HasOffersError
+from shared.vocabulary import EMAIL_KINDS, RunOutcome
 
 logger = logging.getLogger(__name__)
 
-EMAIL_KINDS = ("email_affiliate", "email_affiliate_manager", "email_administrators")
-
-
 @dataclass(frozen=True)
 class Outcome:
-    status: Literal["succeeded", "failed", "skipped"]
+    status: RunOutcome
     detail: str
 
 
@@ -42,7 +40,7 @@ class EventFacts:
     """Everything the operations of one trigger event share."""
 
     event_id: str
-    event: TriggerEvent
+    event: TriggerEventMessage
     metric: str
     offer: OfferInfo | None  # None: the offer is not in the local offers table
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 
-from services.action_runner.handler import handle
+from services.action_runner.handler import handle_trigger_event
 from services.action_runner.mailer import SmtpMailer
 from shared.handling import Handler
 from shared.hasoffers import HasOffersClient
@@ -34,7 +34,7 @@ def main() -> int:
                            "approve_affiliate and reject_affiliate operations will fail")
         logger.info("mail via %r from %s%s", mailer, settings.mail_from,
                     "; ACTIONS_DRY_RUN: nothing will be sent or called" if settings.actions_dry_run else "")
-        return functools.partial(handle, engine=context.engine, mailer=mailer, hasoffers=hasoffers,
+        return functools.partial(handle_trigger_event, engine=context.engine, mailer=mailer, hasoffers=hasoffers,
                                  settings=settings)
 
     try:

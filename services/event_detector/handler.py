@@ -31,29 +31,26 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.engine import Connection, Engine
 
 from services.event_detector.machine import NO_STATE, Change, PairState, Reading, settle
-from services.trigger_checker.rules import OPERATORS
 from shared.batch import split_batch
-from shared.db import TZ, Trigger, TriggerCheck, TriggerState
-from shared.db import TriggerEvent as TriggerEventRow
+from shared.db import TZ, Trigger, TriggerCheck, TriggerEvent, TriggerState
 from shared.events import (
-    MAX_CHECKS, TRIGGER_EVENT_OK, TRIGGER_EVENT_PROBLEM, CheckItem, Envelope, TriggerEvent, new_event,
-    stable_event_id,
+    MAX_CHECKS, TRIGGER_EVENT_TYPES, CheckItem, Envelope, TriggerEventMessage, new_event, stable_event_id,
 )
 from shared.handling import Delivery, HandlerResult
 from shared.sql import array, transaction, unnest
+from shared.vocabulary import COMPARISONS
 
 logger = logging.getLogger(__name__)
 
 Pair = tuple[int, int, int]  # trigger_id, offer_id, affiliate_id
 
-EVENT_TYPES = {"PROBLEM": TRIGGER_EVENT_PROBLEM, "OK": TRIGGER_EVENT_OK}
 PAIR_COLUMNS = {"trigger_id": Integer(), "offer_id": Integer(), "affiliate_id": Integer()}
 # Before any check: a bound for "newer than the state" when there is no state yet.
 BEGINNING = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 trigger_checks = TriggerCheck.__table__
 trigger_states = TriggerState.__table__
-trigger_events = TriggerEventRow.__table__
+trigger_events = TriggerEvent.__table__
 triggers = Trigger.__table__
 
 
@@ -105,7 +102,7 @@ def array_of_ids(ids: list[int]):  # noqa: ANN201 (a SQLAlchemy element)
 def as_reading(check_id: int, measured_at: datetime, value: float, threshold: float, recovery: float | None,
                operator: str, status: str) -> Reading:
     """A recorded check as the machine sees it: does it clear the recovery value too?"""
-    clears = status == "OK" and not OPERATORS[operator](value, threshold if recovery is None else recovery)
+    clears = status == "OK" and not COMPARISONS[operator](value, threshold if recovery is None else recovery)
     return Reading(check_id, measured_at, value, threshold, status, clears)  # type: ignore[arg-type]
 
 
@@ -282,12 +279,12 @@ def load_events(conn: Connection, check_ids: list[int], source_event_id: str) ->
 
 
 def _event_message(envelope: Envelope, row) -> Envelope:
-    data = TriggerEvent(
+    data = TriggerEventMessage(
         trigger_event_id=row.id, trigger_id=row.trigger_id, trigger_name=row.name, offer_id=row.offer_id,
         affiliate_id=row.affiliate_id, previous_status=row.previous_status, status=row.status, value=row.value,
         threshold=row.threshold, measured_at=row.measured_at, check_id=row.check_id,
     )
     return new_event(
-        EVENT_TYPES[row.status], data, correlation_id=envelope.correlation_id, causation_id=str(envelope.event_id),
-        event_id=stable_event_id("trigger_event", row.id),
+        TRIGGER_EVENT_TYPES[row.status], data, correlation_id=envelope.correlation_id,
+        causation_id=str(envelope.event_id), event_id=stable_event_id("trigger_event", row.id),
     )

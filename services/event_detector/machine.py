@@ -22,9 +22,9 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Sequence
 from datetime import datetime
-from typing import Literal, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
-Status = Literal["OK", "PROBLEM"]
+from shared.vocabulary import Status
 
 
 class Reading(NamedTuple):

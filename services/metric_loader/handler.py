@@ -16,16 +16,19 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, func, select
 
-from services.metric_loader import metrics, reference, runs
-from services.metric_loader.metrics import OfferSettings, Totals
+from services.metric_loader import computation, reference, runs
+from services.metric_loader.computation import OfferSettings, Totals
+from shared.db import Category, ConversionCap, Offer, OfferCategory
 from shared.events import (
-    MAX_BATCH, METRIC_LOADED, REFERENCE, Envelope, MetricLoaded, MetricLoadRequested, encode, new_event,
+    MAX_BATCH, METRIC_LOADED, Envelope, MetricLoaded, MetricLoadRequested, encode, new_event,
     parse_data, stable_event_id,
 )
 from shared.handling import DeadLetter, Delivery, HandlerResult
 from shared.hasoffers import HasOffersClient, HasOffersError
+from shared.sql import connection
+from shared.vocabulary import REFERENCE
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +52,7 @@ class NotConfiguredError(HasOffersError):
     """No HasOffers credentials: every load fails with this reason."""
 
 
-def handle(envelope: Envelope, delivery: Delivery | None = None, *, engine: Engine,
+def handle_load_requested(envelope: Envelope, delivery: Delivery | None = None, *, engine: Engine,
            client: HasOffersClient | None, config: LoaderConfig) -> HandlerResult:
     request: MetricLoadRequested = parse_data(envelope)
     event_id = str(envelope.event_id)
@@ -126,36 +129,39 @@ def load_metric(engine: Engine, client: HasOffersClient, config: LoaderConfig, m
         offers = {i: o for i, o in offers.items() if i in capped}
     totals = Totals(sums={})
     if offers:
-        start, end = metrics.window(measured_at, lookback_hours)
-        for period in metrics.window_filters(start, end):
-            params = metrics.report_params(metric_key, period, offers)
-            metrics.accumulate(totals, metric_key, client.get_stats(params, page_size=config.page_size), offers)
-    return totals.rows, metrics.values(metric_key, totals, offers, caps, lookback_hours, config.click_cost)
-
-
-MONITORED_SQL = """
-SELECT o.id, o.tracked_goal_id,
-       coalesce(o.min_clicks,
-                (SELECT c.min_clicks FROM offer_categories oc JOIN categories c ON c.id = oc.category_id
-                 WHERE oc.offer_id = o.id AND c.min_clicks IS NOT NULL ORDER BY oc.category_id LIMIT 1),
-                :min_clicks) AS min_clicks,
-       coalesce(o.min_conversions, :min_conversions) AS min_conversions
-FROM offers o WHERE o.monitoring
-"""
+        start, end = computation.window(measured_at, lookback_hours)
+        for period in computation.window_filters(start, end):
+            params = computation.report_params(metric_key, period, offers)
+            computation.accumulate(totals, metric_key, client.get_stats(params, page_size=config.page_size), offers)
+    return totals.rows, computation.values(metric_key, totals, offers, caps, lookback_hours, config.click_cost)
 
 
 def monitored_offers(engine: Engine, config: LoaderConfig) -> dict[int, OfferSettings]:
     """Offers with monitoring on, minimum clicks resolved offer > category (smallest id) > general."""
-    with engine.connect() as conn:
-        rows = conn.execute(text(MONITORED_SQL), {"min_clicks": config.min_clicks,
-                                                  "min_conversions": config.min_conversions}).all()
+    category_min_clicks = (
+        select(Category.min_clicks)
+        .join(OfferCategory, OfferCategory.category_id == Category.id)
+        .where(OfferCategory.offer_id == Offer.id, Category.min_clicks.is_not(None))
+        .order_by(OfferCategory.category_id)
+        .limit(1)
+        .scalar_subquery()
+    )
+    with connection(engine) as conn:
+        rows = conn.execute(
+            select(Offer.id, Offer.tracked_goal_id,
+                   func.coalesce(Offer.min_clicks, category_min_clicks, config.min_clicks).label("min_clicks"),
+                   func.coalesce(Offer.min_conversions, config.min_conversions).label("min_conversions"))
+            .where(Offer.monitoring)
+        ).all()
     return {r.id: OfferSettings(r.id, r.min_clicks, r.min_conversions, r.tracked_goal_id) for r in rows}
 
 
 def conversion_caps(engine: Engine) -> dict[tuple[int, int], int]:
-    with engine.connect() as conn:
-        rows = conn.execute(text(
-            "SELECT offer_id, affiliate_id, conversion_cap FROM conversion_caps WHERE conversion_cap > 0")).all()
+    with connection(engine) as conn:
+        rows = conn.execute(
+            select(ConversionCap.offer_id, ConversionCap.affiliate_id, ConversionCap.conversion_cap)
+            .where(ConversionCap.conversion_cap > 0)
+        ).all()
     return {(r.offer_id, r.affiliate_id): r.conversion_cap for r in rows}
 
 

@@ -25,6 +25,8 @@ from sqlalchemy.dialects.postgresql import insert
 
 from shared.db import Affiliate, AffiliateUser, Category, ConversionCap, Employee, Goal, Offer, OfferCategory
 from shared.hasoffers import HasOffersClient, HasOffersResponseError
+from shared.sql import connection, transaction
+from shared.vocabulary import INT4_MAX
 
 logger = logging.getLogger(__name__)
 
@@ -78,13 +80,9 @@ def _model(record: Mapping[str, Any], model: str) -> Mapping[str, Any]:
     return body
 
 
-# Ids are `integer` columns: anything else cannot be stored.
-MAX_ID = 2**31 - 1
-
-
 def _id(body: Mapping[str, Any], name: str, model: str, lowest: int = 1) -> int:
     raw = str(body.get(name)).strip()
-    if not (raw.isascii() and raw.isdigit() and 0 < len(raw) <= 10 and lowest <= int(raw) <= MAX_ID):
+    if not (raw.isascii() and raw.isdigit() and 0 < len(raw) <= 10 and lowest <= int(raw) <= INT4_MAX):
         raise HasOffersResponseError(f"{model}: {name} is not {'an id' if lowest else 'a count'}: {raw[:40]!r}")
     return int(raw)
 
@@ -165,7 +163,7 @@ def _record(data: ReferenceData, model: str) -> Iterator[None]:
 
 def _cap_offers(engine: Engine, offers: Iterable[dict[str, Any]]) -> list[int]:
     """Active offers with monitoring on (new offers get monitoring on by default)."""
-    with engine.connect() as conn:
+    with connection(engine) as conn:
         off = set(conn.scalars(select(Offer.id).where(Offer.monitoring.is_(False))))
     return [o["id"] for o in offers if o["status"] == "active" and o["id"] not in off]
 
@@ -185,7 +183,7 @@ def _caps(client: HasOffersClient, offer_id: int, data: ReferenceData) -> list[d
 
 
 def store(engine: Engine, data: ReferenceData) -> None:
-    with engine.begin() as conn:
+    with transaction(engine) as conn:
         # Offers first: offer_categories refers to them.
         _upsert(conn, Offer, list(data.offers.values()), ["name", "status", "require_approval"],
                 updated_at=func.now())

@@ -20,12 +20,14 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
+from sqlalchemy.dialects.postgresql import insert
 
+from shared.db import LoadRun
 from shared.rabbitmq import CONNECTION_ERRORS, Bus, PublishError
-from shared.events import (
-    METRIC_KEYS, METRIC_LOAD_REQUESTED, REFERENCE, Envelope, MetricLoadRequested, new_event, stable_event_id,
-)
+from shared.sql import transaction
+from shared.events import METRIC_LOAD_REQUESTED, Envelope, MetricLoadRequested, new_event, stable_event_id
+from shared.vocabulary import METRIC_KEYS, REFERENCE
 
 logger = logging.getLogger(__name__)
 
@@ -82,11 +84,16 @@ class Schedule:
     def claim(self, key: str, slot: datetime) -> Envelope | None:
         """The request for (key, slot) when this replica claimed it, else None."""
         event_id = stable_event_id(METRIC_LOAD_REQUESTED, key, slot.isoformat())
-        with self.engine.begin() as conn:
-            run_id = conn.execute(text(
-                "INSERT INTO load_runs (request_event_id, metric_key, lookback_hours, schedule_slot, status)"
-                " VALUES (:event_id, :key, :lookback, :slot, 'requested') ON CONFLICT DO NOTHING RETURNING id"),
-                {"event_id": str(event_id), "key": key, "lookback": self.lookback_hours, "slot": slot}).scalar()
+        with transaction(self.engine) as conn:
+            # No conflict target: the slot's unique index and the request id (derived from
+            # the slot) both mean that another replica claimed it first.
+            run_id = conn.execute(
+                insert(LoadRun)
+                .values(request_event_id=str(event_id), metric_key=key, lookback_hours=self.lookback_hours,
+                        schedule_slot=slot, status="requested")
+                .on_conflict_do_nothing()
+                .returning(LoadRun.id)
+            ).scalar()
         if run_id is None:
             return None
         logger.info("event_id=%s run_id=%d scheduled %s for slot %s", event_id, run_id, key, slot.isoformat())

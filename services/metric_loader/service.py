@@ -6,7 +6,7 @@ import functools
 import logging
 from urllib.parse import urlsplit
 
-from services.metric_loader.handler import LoaderConfig, handle
+from services.metric_loader.handler import LoaderConfig, handle_load_requested
 from services.metric_loader.schedule import Schedule
 from shared.handling import Handler
 from shared.rabbitmq import Consumer
@@ -32,7 +32,8 @@ def make_handler(context: Context) -> Handler:
     else:
         # Start anyway (the queue must not back up unseen); every load fails with the reason.
         logger.error("HASOFFERS_NETWORK_ID and HASOFFERS_NETWORK_TOKEN are not set: every load will fail")
-    return functools.partial(handle, engine=context.engine, client=client, config=LoaderConfig.from_settings(settings))
+    return functools.partial(handle_load_requested, engine=context.engine, client=client,
+                             config=LoaderConfig.from_settings(settings))
 
 
 def start_schedule(context: Context, consumer: Consumer) -> None:

@@ -28,12 +28,11 @@ from shared.events import (
     MAX_BATCH, MAX_CHECKS, TRIGGER_CHECKED, Envelope, MetricItem, new_event, stable_event_id,
 )
 from shared.sql import array, transaction, unnest
+from shared.vocabulary import INT4_MAX
 from services.trigger_checker.rules import Check, TriggerRule, Value, check_values
 
 logger = logging.getLogger(__name__)
 
-# offer_id and affiliate_id are `integer` columns: a larger id is invalid, not retryable.
-INT4_MAX = 2**31 - 1
 # measured_at before this is a mistake (HasOffers did not exist); after now + the allowed
 # clock skew it would freeze the pair, every real check after it being older.
 EARLIEST_MEASURED_AT = datetime(2000, 1, 1, tzinfo=timezone.utc)

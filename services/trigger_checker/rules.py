@@ -8,26 +8,12 @@ wins. The status is PROBLEM when `value <operator> threshold` holds, else OK.
 
 from __future__ import annotations
 
-import operator as op
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
-Operator = Literal["lt", "le", "gt", "ge", "eq", "ne"]
-Status = Literal["OK", "PROBLEM"]
-Scope = Literal["offer_affiliate", "affiliate", "offer", "offer_category", "general"]
-
-# eq and ne compare exactly: values and thresholds are both double precision, and a
-# tolerance would be a policy nobody asked for.
-OPERATORS: dict[str, Callable[[float, float], bool]] = {
-    "lt": op.lt,
-    "le": op.le,
-    "gt": op.gt,
-    "ge": op.ge,
-    "eq": op.eq,
-    "ne": op.ne,
-}
+from shared.vocabulary import COMPARISONS, CheckScope, Operator, Status
 
 
 @dataclass
@@ -53,7 +39,7 @@ class Threshold(NamedTuple):
     # NamedTuples rather than frozen dataclasses here and below: a batch builds thousands
     # of them, and a frozen dataclass costs three times as much to create.
     value: float
-    scope: Scope
+    scope: CheckScope
     # From the same row as the value; None: recovery at the threshold itself.
     recovery: float | None = None
 
@@ -85,7 +71,7 @@ def resolve_threshold(
 
 def evaluate(operator: str, value: float, threshold: float) -> Status:
     """PROBLEM when `value <operator> threshold` holds."""
-    return "PROBLEM" if OPERATORS[operator](value, threshold) else "OK"
+    return "PROBLEM" if COMPARISONS[operator](value, threshold) else "OK"
 
 
 class Value(NamedTuple):

@@ -36,7 +36,7 @@ from shared.events import Envelope, InvalidMessageError, parse_envelope
 from shared.handling import Delivery, Handler, HandlerResult
 from shared.rabbitmq import headers as h
 from shared.rabbitmq.publisher import CONNECTION_ERRORS, BrokerUnavailableError, Bus, describe_amqp_error
-from shared.rabbitmq.topology import consumes, queue_names, routing_key_for
+from shared.rabbitmq.topology import QueueOptions, consumes, queue_names, routing_key_for
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +72,9 @@ class _ConnectionLost(Exception):
 class Consumer:
     """Consumes one service's work queue until stop() is called.
 
-    Reconnects with back-off when RabbitMQ goes away; gives up (BrokerUnavailableError)
-    only when it could never connect at start-up.
+    Reconnects with back-off when RabbitMQ goes away (to the next node, when AMQP_URL
+    lists several); gives up (BrokerUnavailableError) only when it could never connect at
+    start-up. A queue declared with other arguments (QueueMismatchError) ends run().
     """
 
     def __init__(
@@ -88,6 +89,7 @@ class Consumer:
         retry_delay_ms: int = 5000,
         startup_attempts: int = 10,
         heartbeat: int = 30,
+        queues: QueueOptions = QueueOptions(),
         on_outcome: Callable[[str, str, float], None] | None = None,
     ):
         self.names = queue_names(exchange, service)
@@ -97,7 +99,7 @@ class Consumer:
         self.retry_limit = retry_limit
         self.retry_delay_ms = retry_delay_ms
         self.startup_attempts = startup_attempts
-        self.bus = Bus(amqp_url, exchange, heartbeat=heartbeat, name=f"hasoffers-kpi {service}")
+        self.bus = Bus(amqp_url, exchange, heartbeat=heartbeat, name=f"hasoffers-kpi {service}", queues=queues)
         self.on_outcome = on_outcome
         self.stats = Stats()
         self.ready = threading.Event()
@@ -159,7 +161,8 @@ class Consumer:
             self._live = True
         tag = channel.basic_consume(
             self.names.work, lambda ch, method, properties, body: self._receive(generation, method, properties, body))
-        logger.info("%s; consuming %s", "reconnected" if self._ever_connected else "connected", self.names.work)
+        logger.info("%s to %s; consuming %s", "reconnected" if self._ever_connected else "connected",
+                    self.bus.connected_url, self.names.work)
         self._ever_connected = True
         self.ready.set()
         while not self._finished():
@@ -274,7 +277,7 @@ class Consumer:
         properties = incoming.properties
         event_id = str(properties.message_id or "-")[:100]
         headers = properties.headers if isinstance(properties.headers, dict) else {}
-        retries = h.retries_so_far(headers, self.retry_limit)
+        retries = h.retries_so_far(headers, self.retry_limit, redelivered=incoming.redelivered)
         try:
             envelope = self._parse(incoming.body)
             event_id = str(envelope.event_id)

@@ -17,7 +17,9 @@ def dead_letter_count(bus: Bus, service: str) -> int:
 
 
 def read_dead_letters(bus: Bus, service: str, limit: int | None = 100) -> list[dict[str, Any]]:
-    """Peek at a dead queue without consuming it (messages are requeued)."""
+    """Peek at a dead queue without consuming it (messages are requeued). A quorum queue
+    puts the requeued letters at its end, so repeated peeks show the queue rotated: the
+    order of dead letters means nothing, replay does not depend on it."""
     assert bus.channel is not None
     names = queue_names(bus.exchange, service)
     found: list[dict[str, Any]] = []

@@ -26,7 +26,8 @@ H_ROUTING_KEY = "x-kpi-original-routing-key"
 H_SERVICE = "x-kpi-service"
 H_DEAD_AT = "x-kpi-dead-at"
 H_DROPPED = "x-kpi-dropped-headers"
-# Set by quorum queues: how many times the broker delivered the message before.
+# Set by quorum queues: how many times the message came back to the queue (a requeue, or
+# a consumer gone while holding it) before this delivery.
 H_DELIVERY_COUNT = "x-delivery-count"
 
 REASON_MAX = 1000
@@ -56,10 +57,18 @@ def count_header(headers: dict[str, Any], name: str, limit: int) -> int:
     return min(raw, limit)
 
 
-def retries_so_far(headers: dict[str, Any], limit: int) -> int:
+def retries_so_far(headers: dict[str, Any], limit: int, redelivered: bool = True) -> int:
     """Times this message went through the retry queue, or was delivered before (quorum
-    queues count deliveries themselves), whichever is more."""
-    return max(count_header(headers, H_RETRIES, limit), count_header(headers, H_DELIVERY_COUNT, limit))
+    queues count deliveries themselves), whichever is more.
+
+    The broker sets `x-delivery-count` on a redelivery only: on a first delivery the
+    header, if any, is the publisher's (RabbitMQ 3.10 leaves a client's value in place
+    until the first requeue), so it counts only when the delivery is flagged redelivered.
+    """
+    retries = count_header(headers, H_RETRIES, limit)
+    if redelivered:
+        retries = max(retries, count_header(headers, H_DELIVERY_COUNT, limit))
+    return retries
 
 
 def history_of(headers: dict[str, Any]) -> list[str]:

@@ -19,7 +19,7 @@ import pika.exceptions as amqp
 from pika.adapters.blocking_connection import BlockingChannel
 
 from shared.events import Envelope, encode
-from shared.rabbitmq.topology import connection_parameters, declare_topology, redact_url
+from shared.rabbitmq.topology import QueueOptions, amqp_urls, connection_parameters, declare_topology, redact_url
 
 logger = logging.getLogger(__name__)
 
@@ -102,29 +102,64 @@ class Bus:
     """A connection with a confirming channel and the topology declared.
 
     Used as is by publishers (CLI, schedule, tests) and by Consumer underneath.
+
+    `amqp_url` may list several URLs, comma-separated (the nodes of a cluster): a
+    connection tries them in turn, and after a lost connection the next attempt starts
+    with the URL after the one that was lost, so a node that went away is tried last.
     """
 
-    def __init__(self, amqp_url: str, exchange: str, *, heartbeat: int = 30, name: str = "hasoffers-kpi"):
+    def __init__(self, amqp_url: str, exchange: str, *, heartbeat: int = 30, name: str = "hasoffers-kpi",
+                 queues: QueueOptions = QueueOptions()):
         self.exchange = exchange
         self.name = name
+        self.queues = queues
         self._url = amqp_url
+        self._urls = amqp_urls(amqp_url)
+        self._first = 0  # index in _urls of the URL the next connection tries first
         self._heartbeat = heartbeat
         self.connection: pika.BlockingConnection | None = None
         self.channel: BlockingChannel | None = None
+        self.connected_url: str | None = None  # which one (redacted), for log lines
         self._confirms: _Confirms | None = None
         self._batching = False
 
-    def connect(self) -> Bus:
-        self.connection = pika.BlockingConnection(connection_parameters(self._url, self._heartbeat, self.name))
-        self.channel = self.connection.channel()
-        self._confirms = _Confirms(self.channel)
-        declare_topology(self.channel, self.exchange)
+    def connect(self, declare: bool = True) -> Bus:
+        """Connect, open a confirming channel and (unless `declare` is false) declare the
+        topology: QueueMismatchError if a queue has other arguments than ours."""
+        self.connection = self._open()
+        try:
+            self.channel = self.connection.channel()
+            self._confirms = _Confirms(self.channel)
+            if declare:
+                declare_topology(self.channel, self.exchange, self.queues)
+        except BaseException:
+            self.close()
+            raise
         return self
 
-    def connect_with_retry(self, attempts: int, delay: float = 1.0) -> Bus:
+    def _open(self) -> pika.BlockingConnection:
+        error: BaseException | None = None
+        for i in range(len(self._urls)):
+            index = (self._first + i) % len(self._urls)
+            url = self._urls[index]
+            try:
+                connection = pika.BlockingConnection(connection_parameters(url, self._heartbeat, self.name))
+            except CONNECTION_ERRORS as exc:
+                if len(self._urls) > 1:
+                    logger.info("RabbitMQ at %s not reachable (%s)", redact_url(url), describe_amqp_error(exc))
+                error = exc
+                continue
+            # Once this connection is lost, the next one starts with the next node.
+            self._first = (index + 1) % len(self._urls)
+            self.connected_url = redact_url(url)
+            return connection
+        assert error is not None
+        raise error
+
+    def connect_with_retry(self, attempts: int, delay: float = 1.0, declare: bool = True) -> Bus:
         for attempt in range(1, attempts + 1):
             try:
-                return self.connect()
+                return self.connect(declare)
             except CONNECTION_ERRORS as exc:
                 logger.warning(
                     "RabbitMQ not reachable at %s (attempt %d/%d): %s",
@@ -227,6 +262,14 @@ class Bus:
         """Publish straight to a queue through the default exchange (retry and dead queues)."""
         self.publish_raw(queue, body, exchange="", message_id=message_id, type=type, headers=headers,
                          expiration_ms=expiration_ms)
+
+    def send_as_is(self, queue: str, body: bytes, properties: pika.BasicProperties) -> None:
+        """Publish a message with the properties given (a message moved between queues)
+        straight to a queue, and wait for the confirm (at the end of the block in batch())."""
+        assert self._confirms is not None, "connect() first"
+        self._confirms.publish("", queue, body, properties, True)
+        if not self._batching:
+            self._confirms.wait()
 
     def queue_depth(self, queue: str) -> int:
         assert self.channel is not None, "connect() first"

@@ -5,14 +5,25 @@ the routing key it consumes, a retry queue `<queue>.retry` that holds a message 
 delay and then dead-letters it back to the work queue, and a dead-letter queue
 `<queue>.dead`. Every process declares the whole topology, so start order does not
 matter and a publisher never meets a missing queue.
+
+Queues are quorum queues by default (`KPI_QUEUE_TYPE`): replicated over the nodes of a
+RabbitMQ cluster, so a node lost is not its messages lost. A quorum work queue gives a
+message back to the dead queue after `KPI_DELIVERY_LIMIT` returns to the queue (a
+consumer that crashed or lost its connection while holding it): the last guard against
+a message that kills every process that takes it. Every process must declare the same
+arguments: RabbitMQ refuses a declaration that differs from the queue it has, and
+`kpi queues upgrade` (shared/rabbitmq/migration.py) moves existing queues over.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import pika
+import pika.exceptions as amqp
 from pika.adapters.blocking_connection import BlockingChannel
 
 # service -> the routing key its queue is bound to. Each service's service.py states
@@ -25,6 +36,36 @@ SERVICE_BINDINGS: dict[str, str] = {
 }
 
 MAX_ROUTING_KEY = 255  # AMQP shortstr
+
+QueueType = Literal["quorum", "classic"]
+DEFAULT_QUEUE_TYPE: QueueType = "quorum"
+DEFAULT_DELIVERY_LIMIT = 20
+
+
+@dataclass(frozen=True)
+class QueueOptions:
+    """How this deployment's queues are declared (KPI_QUEUE_TYPE, KPI_DELIVERY_LIMIT)."""
+
+    queue_type: QueueType = DEFAULT_QUEUE_TYPE
+    delivery_limit: int = DEFAULT_DELIVERY_LIMIT
+
+    def describe(self) -> str:
+        if self.queue_type == "quorum":
+            return f"quorum queues (delivery limit {self.delivery_limit})"
+        return "classic queues"
+
+
+class QueueMismatchError(Exception):
+    """A queue exists with other arguments than this process declares (another queue
+    type, another delivery limit): a configuration error, not a broker outage."""
+
+    def __init__(self, queue: str, detail: str):
+        super().__init__(
+            f"queue {queue} exists with other arguments than this process declares ({detail}); "
+            "stop the services and run `kpi queues upgrade` with the new settings, or set KPI_QUEUE_TYPE "
+            "and KPI_DELIVERY_LIMIT to what the queues have")
+        self.queue = queue
+        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -40,6 +81,41 @@ def queue_names(exchange: str, service: str) -> QueueNames:
         raise ValueError(f"unknown service {service!r}; known: {', '.join(SERVICE_BINDINGS)}")
     work = f"{exchange}.{service}"
     return QueueNames(work=work, retry=f"{work}.retry", dead=f"{work}.dead")
+
+
+def holding_queue(queue: str) -> str:
+    """Where `kpi queues upgrade` keeps a queue's messages while it is redeclared."""
+    return f"{queue}.upgrade"
+
+
+def queue_arguments(names: QueueNames, queue: str, options: QueueOptions) -> dict[str, Any]:
+    """The arguments `queue` (one of `names`) is declared with: the only place they are made."""
+    if queue == names.work:
+        # A message rejected without requeue (by anyone), or returned more than the
+        # delivery limit allows, ends in the dead queue.
+        arguments: dict[str, Any] = {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": names.dead}
+    elif queue == names.retry:
+        # The delay is set per message (expiration), not as a queue argument, so that
+        # processes configured with different delays never disagree on the declaration.
+        # A quorum queue expires messages at its head only; every message of a
+        # deployment waits the same delay, so none waits behind a longer one.
+        arguments = {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": names.work}
+    elif queue == names.dead:
+        # No delivery limit here: `kpi dead list` hands every letter back, and each
+        # return counts as a delivery.
+        return {"x-queue-type": "quorum"} if options.queue_type == "quorum" else {}
+    else:
+        raise ValueError(f"{queue} is not one of {names}")
+    if options.queue_type == "quorum":
+        arguments["x-queue-type"] = "quorum"
+        # Dead-lettering confirmed by the target queue (RabbitMQ falls back to
+        # at-most-once, silently, unless the overflow is reject-publish; without a
+        # length limit nothing is ever rejected).
+        arguments["x-dead-letter-strategy"] = "at-least-once"
+        arguments["x-overflow"] = "reject-publish"
+        if queue == names.work:
+            arguments["x-delivery-limit"] = options.delivery_limit
+    return arguments
 
 
 def topic_matches(binding: str, routing_key: str) -> bool:
@@ -72,6 +148,15 @@ def routing_key_for(service: str, *candidates: object) -> str | None:
     return None if "*" in binding or "#" in binding else binding
 
 
+def amqp_urls(amqp_url: str) -> list[str]:
+    """AMQP_URL is one URL or several, comma-separated (the nodes of a cluster), tried in
+    turn. A comma inside a password is written %2C."""
+    urls = [url.strip() for url in amqp_url.split(",") if url.strip()]
+    if not urls:
+        raise ValueError("AMQP_URL is empty")
+    return urls
+
+
 def connection_parameters(amqp_url: str, heartbeat: int = 30, name: str = "hasoffers-kpi") -> pika.URLParameters:
     params = pika.URLParameters(amqp_url)
     params.heartbeat = heartbeat
@@ -84,7 +169,9 @@ def connection_parameters(amqp_url: str, heartbeat: int = 30, name: str = "hasof
 
 
 def redact_url(url: str) -> str:
-    """The URL without its password, for log lines."""
+    """The URL (or URLs) without its password, for log lines."""
+    if "," in url:
+        return ",".join(redact_url(part) for part in url.split(","))
     scheme, sep, rest = url.partition("://")
     if "@" not in rest:
         return url
@@ -93,22 +180,63 @@ def redact_url(url: str) -> str:
     return f"{scheme}{sep}{user}:***@{host}"
 
 
-def declare_topology(channel: BlockingChannel, exchange: str) -> None:
+def declare_topology(channel: BlockingChannel, exchange: str, options: QueueOptions = QueueOptions()) -> None:
+    """Declare the exchange, every service's queues and the bindings.
+
+    QueueMismatchError if a queue exists with other arguments (the channel is closed).
+    """
     channel.exchange_declare(exchange, exchange_type="topic", durable=True)
     for service, routing_key in SERVICE_BINDINGS.items():
         names = queue_names(exchange, service)
-        # A message rejected without requeue (by anyone) still ends in the dead queue.
-        channel.queue_declare(
-            names.work,
-            durable=True,
-            arguments={"x-dead-letter-exchange": "", "x-dead-letter-routing-key": names.dead},
-        )
-        # The delay is set per message (expiration), not as a queue argument, so that
-        # processes configured with different delays never disagree on the declaration.
-        channel.queue_declare(
-            names.retry,
-            durable=True,
-            arguments={"x-dead-letter-exchange": "", "x-dead-letter-routing-key": names.work},
-        )
-        channel.queue_declare(names.dead, durable=True)
+        for queue in (names.work, names.retry, names.dead):
+            declare_queue(channel, names, queue, options)
         channel.queue_bind(names.work, exchange, routing_key=routing_key)
+
+
+def declare_queue(channel: BlockingChannel, names: QueueNames, queue: str, options: QueueOptions) -> None:
+    try:
+        channel.queue_declare(queue, durable=True, arguments=queue_arguments(names, queue, options))
+    except amqp.ChannelClosedByBroker as exc:
+        detail = mismatch_detail(exc)
+        if detail is None:
+            raise
+        raise QueueMismatchError(queue, describe_mismatch(channel, names, queue, options, detail)) from None
+
+
+def describe_mismatch(channel: BlockingChannel, names: QueueNames, queue: str, options: QueueOptions,
+                      detail: str) -> str:
+    """What differs, in the operator's terms: RabbitMQ names the first argument that
+    differs in its own order (`x-overflow` before `x-queue-type`), so a queue of the
+    other type is recognised by declaring it as that type (on a channel of its own)."""
+    other = QueueOptions("classic" if options.queue_type == "quorum" else "quorum", options.delivery_limit)
+    probe = channel.connection.channel()
+    try:
+        probe.queue_declare(queue, durable=True, arguments=queue_arguments(names, queue, other))
+    except amqp.ChannelClosedByBroker:
+        return detail
+    finally:
+        if probe.is_open:
+            probe.close()
+    return f"x-queue-type is {other.queue_type} on the broker, {options.queue_type} here"
+
+
+_INEQUIVALENT = re.compile(r"inequivalent arg '([^']+)' for queue '[^']*' in vhost '[^']*': "
+                           r"received (.*) but current is (.*)$")
+
+
+def mismatch_detail(exc: amqp.ChannelClosedByBroker) -> str | None:
+    """What differs, from RabbitMQ's 406 on a queue declaration; None for any other error."""
+    if exc.reply_code != 406:
+        return None
+    match = _INEQUIVALENT.search(exc.reply_text or "")
+    if match is None:
+        return None
+    argument, received, current = match.groups()
+
+    def value(text: str) -> str:
+        if text == "none":
+            return "classic" if argument == "x-queue-type" else "not set"
+        found = re.fullmatch(r"(?:the value )?'(.*)'(?: of type '[^']*')?", text)
+        return found.group(1) if found else text
+
+    return f"{argument} is {value(current)} on the broker, {value(received)} here"

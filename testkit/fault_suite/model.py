@@ -2,8 +2,8 @@
 
 What the pipeline must produce from the values the suite feeds it, computed here from
 the seed and the values alone: a few lines per rule of DESIGN.md section 4 (and 8), never
-the services' code. The suite (fault_suite.py) compares the database, the SMTP sink and
-the fake HasOffers with it.
+the services' code. The suite's checks (checks.py) compare the database, the SMTP sink
+and the fake HasOffers with it.
 
 Order: the suite delivers the rounds of one (metric, pair) in measured_at order (it waits
 until a round is applied before it publishes the next), so the expected state changes
@@ -21,8 +21,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
-from services.fake_hasoffers.network import Network, StatRow
+from testkit.fake_hasoffers.network import Network, StatRow
 
+# Its own operators, not shared.vocabulary's: the model checks the services and so shares
+# none of their code.
 OPERATORS = {"lt": operator.lt, "le": operator.le, "gt": operator.gt, "ge": operator.ge,
              "eq": operator.eq, "ne": operator.ne}
 

@@ -1,6 +1,6 @@
 """Run the fake HasOffers on its own (the demo, manual testing).
 
-    python -m services.fake_hasoffers --host 127.0.0.1 --port 8090 --seed 1 \\
+    python -m testkit.fake_hasoffers --host 127.0.0.1 --port 8090 --seed 1 \\
         --offers 30 --affiliates 40 --network-id demo --token NET...
 
 Prints its base URL (never the token) and serves until SIGTERM or SIGINT.
@@ -16,8 +16,8 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from services.fake_hasoffers.network import generate
-from services.fake_hasoffers.server import FakeHasOffers
+from testkit.fake_hasoffers.network import generate
+from testkit.fake_hasoffers.server import FakeHasOffers
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def rate_limit(text: str) -> tuple[int, float]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m services.fake_hasoffers", description="A fake HasOffers Network API.")
+    p = argparse.ArgumentParser(prog="python -m testkit.fake_hasoffers", description="A fake HasOffers Network API.")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8090, help="0 = any free port")
     p.add_argument("--seed", type=int, default=1)

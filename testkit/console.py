@@ -12,8 +12,8 @@ from contextlib import contextmanager
 import uvicorn
 from starlette.applications import Starlette
 
-from tests.action_runner_support import free_port
-from tests.support import wait_for
+from testkit.ports import free_port
+from testkit.waiting import wait_for
 
 # Debian's chromium: the real binary (the /usr/bin/chromium launcher script works too).
 CHROMIUM_CANDIDATES = ["/usr/lib/chromium/chromium", "/usr/bin/chromium", "/usr/bin/chromium-browser"]

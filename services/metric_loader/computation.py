@@ -20,12 +20,11 @@ from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
 from shared.hasoffers import HasOffersResponseError
+from shared.vocabulary import INT4_MAX
 
 # Above this many offers the report is not filtered by offer id on the server (the
 # request would get huge); rows of other offers are dropped here instead.
 OFFER_FILTER_LIMIT = 500
-# Ids are `integer` columns downstream; a larger id could never be stored or checked.
-MAX_ID = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -143,7 +142,7 @@ def accumulate(totals: Totals, metric_key: str, rows: Iterable[Mapping[str, Any]
         offer_id = int(_number(stat, "offer_id", True))
         affiliate_id = int(_number(stat, "affiliate_id", True))
         offer = offers.get(offer_id)
-        if offer is None or not 0 < offer_id <= MAX_ID or not 0 < affiliate_id <= MAX_ID:
+        if offer is None or not 0 < offer_id <= INT4_MAX or not 0 < affiliate_id <= INT4_MAX:
             continue
         sums = totals.sums.setdefault((offer_id, affiliate_id), {})
         if query.by_goal:

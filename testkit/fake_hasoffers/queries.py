@@ -18,7 +18,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from services.fake_hasoffers.network import StatRow
+from testkit.fake_hasoffers.network import StatRow
 
 CONDITIONALS = ("EQUAL_TO", "NOT_EQUAL_TO", "LESS_THAN", "LESS_THAN_OR_EQUAL_TO", "GREATER_THAN",
                 "GREATER_THAN_OR_EQUAL_TO", "BETWEEN", "LIKE", "NOT_LIKE", "NULL", "NOT_NULL")

@@ -30,9 +30,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from services.fake_hasoffers import queries
-from services.fake_hasoffers.network import Network
-from services.fake_hasoffers.queries import QueryError
+from testkit.fake_hasoffers import queries
+from testkit.fake_hasoffers.network import Network
+from testkit.fake_hasoffers.queries import QueryError
 
 logger = logging.getLogger(__name__)
 

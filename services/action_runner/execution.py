@@ -1,0 +1,196 @@
+"""Running an event's operation runs, each at most once, and announcing the final ones.
+
+Per run still `pending`: claim it with a session advisory lock (pg_try_advisory_lock,
+released when the process or its connection dies), count the attempt and commit, do the
+side effect (operations.py), write the outcome, commit, release. The lock is what keeps
+two replicas holding the same event from both sending: the second skips a run the first
+is working on. It does not ack its delivery then, but sends it through the retry queue
+until the run is final. The first may lose its own delivery (its broker connection
+dropped meanwhile, or it died and its lock outlived it by a moment) and could neither
+announce the run nor try it again. A run that is not `pending` is never done again, and a
+run whose attempts all began and never finished (a crash each time) gives up after
+KPI_RETRY_LIMIT + 1 of them.
+
+Every final run of the event is announced as operation.executed (deterministic event id)
+on every delivery: a crash between commit and publish loses none.
+
+The window that remains: the side effect happened (the SMTP server accepted the mail, the
+API call returned) but the process died, or the database went away, before the outcome
+was committed. The run is still `pending` and the lock died with the connection, so the
+redelivered event does it again: at most one duplicate per such crash, and at most
+KPI_RETRY_LIMIT of them in all. A mail sent again carries the same Message-ID; the
+HasOffers calls are harmless to repeat.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+from sqlalchemy import Connection, Engine, func, select, update
+from sqlalchemy.exc import DBAPIError
+
+from services.action_runner.mailer import Mailer
+from services.action_runner.operations import EventFacts, OfferInfo, Outcome, RunSpec, perform
+from shared.db import Offer, Operation, OperationRun, Trigger
+from shared.events import (
+    OPERATION_EXECUTED, Envelope, OperationExecuted, TriggerEventMessage, new_event, stable_event_id,
+)
+from shared.handling import Delivery, RetryableError
+from shared.hasoffers import HasOffersClient
+from shared.settings import Settings
+from shared.sql import connection
+
+logger = logging.getLogger(__name__)
+
+MAX_ERROR = 1000
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """How one run went in this delivery."""
+
+    kind: Literal["final", "retry", "gave_up", "busy"]
+    reason: str = ""
+
+
+def event_facts(conn: Connection, event_id: str, event: TriggerEventMessage) -> EventFacts:
+    """What every operation of the event needs besides the event: its metric and offer."""
+    metric = conn.execute(select(Trigger.metric_key).where(Trigger.id == event.trigger_id)).scalar_one()
+    offer = conn.execute(select(Offer.name, Offer.require_approval).where(Offer.id == event.offer_id)).first()
+    return EventFacts(event_id=event_id, event=event, metric=metric,
+                      offer=OfferInfo(name=offer.name, require_approval=offer.require_approval) if offer else None)
+
+
+# First key of the session advisory locks that claim operation runs (the second is the run id).
+RUN_LOCK = 0x6B7069  # "kpi"
+
+
+def run_once(engine: Engine, run_id: int, facts: EventFacts, delivery: Delivery, *, mailer: Mailer,
+             hasoffers: HasOffersClient | None, settings: Settings) -> RunResult:
+    """Claim the run, count the attempt, do its side effect, commit the outcome.
+
+    The claim is a session advisory lock on the run: held from before the side effect
+    until after its outcome is committed, and released by PostgreSQL when the process or
+    its connection dies. Unlike a row lock it survives the commit that counts the
+    attempt before the side effect, so an attempt that ends in a crash still counts and
+    a run that keeps crashing its process gives up after KPI_RETRY_LIMIT + 1 attempts.
+    """
+    with connection(engine) as conn:
+        if not conn.execute(select(func.pg_try_advisory_lock(RUN_LOCK, run_id))).scalar_one():
+            conn.rollback()
+            # Another replica holds it. Its delivery normally finishes it, but that delivery may
+            # be gone (a lost broker connection); this one comes back until the run is final.
+            logger.info("event_id=%s run %d is being handled elsewhere; will look again", facts.event_id, run_id)
+            return RunResult("busy", f"run {run_id} is being handled by another delivery")
+        try:
+            conn.commit()
+            return _run_claimed(conn, run_id, facts, delivery, mailer=mailer, hasoffers=hasoffers, settings=settings)
+        finally:
+            _release(conn, run_id)
+
+
+def _release(conn: Connection, run_id: int) -> None:
+    try:
+        conn.rollback()
+        conn.execute(select(func.pg_advisory_unlock(RUN_LOCK, run_id)))
+        conn.commit()
+    except DBAPIError:  # the connection is gone, and the lock with it
+        conn.invalidate()
+
+
+def _run_claimed(conn: Connection, run_id: int, facts: EventFacts, delivery: Delivery, *, mailer: Mailer,
+                 hasoffers: HasOffersClient | None, settings: Settings) -> RunResult:
+    with conn.begin():
+        row = conn.execute(
+            update(OperationRun)
+            .where(OperationRun.id == run_id, OperationRun.status == "pending")
+            .values(attempts=OperationRun.attempts + (0 if settings.actions_dry_run else 1),
+                    started_at=func.coalesce(OperationRun.started_at, func.clock_timestamp()))
+            .returning(OperationRun.trigger_event_id, OperationRun.action_id, OperationRun.operation_id,
+                       OperationRun.kind, OperationRun.attempts)
+        ).first()
+        if row is None:
+            return RunResult("final")  # finished elsewhere since we listed the runs
+        subject, body = conn.execute(
+            select(Operation.subject, Operation.body).where(Operation.id == row.operation_id)).one()
+    run = RunSpec(run_id=run_id, trigger_event_id=row.trigger_event_id, action_id=row.action_id,
+                  operation_id=row.operation_id, kind=row.kind, subject=subject, body=body)
+    attempt = delivery.at_attempt(row.attempts)
+    if settings.actions_dry_run:
+        with conn.begin():
+            _finish(conn, run_id, Outcome("skipped", "dry run"))
+        logger.info("event_id=%s run %d (%s): dry run, skipped", facts.event_id, run_id, run.kind)
+        return RunResult("final")
+    if attempt.exhausted:
+        # Every allowed attempt began and none finished: the process died, or lost the
+        # database, in the middle each time. Trying again would only do it again.
+        detail = (f"gave up after {attempt.attempt - 1} attempts: each was interrupted before its outcome "
+                  f"was recorded (the side effect may have happened)")
+        with conn.begin():
+            _finish(conn, run_id, Outcome("failed", detail), last_error=detail)
+        logger.error("event_id=%s run %d (%s) failed: %s", facts.event_id, run_id, run.kind, detail)
+        return RunResult("gave_up", f"run {run_id} ({run.kind}) {detail}")
+
+    try:
+        with conn.begin():
+            outcome = perform(conn, run, facts, mailer=mailer, hasoffers=hasoffers,
+                              mail_domain=_domain(settings.mail_from))
+    except RetryableError as exc:
+        error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR]
+        if attempt.is_last:
+            # The bus would dead-letter the event after this attempt: record the failure
+            # here, where the run is known, instead of leaving it pending in the dead queue.
+            detail = f"gave up after {attempt.attempt} attempts: {error}"[:MAX_ERROR]
+            with conn.begin():
+                _finish(conn, run_id, Outcome("failed", detail), last_error=error)
+            logger.error("event_id=%s run %d (%s) failed: %s", facts.event_id, run_id, run.kind, detail)
+            return RunResult("gave_up", f"run {run_id} ({run.kind}) {detail}")
+        with conn.begin():
+            conn.execute(update(OperationRun).where(OperationRun.id == run_id).values(last_error=error))
+        logger.warning("event_id=%s run %d (%s) attempt %d failed, will retry: %s",
+                       facts.event_id, run_id, run.kind, attempt.attempt, error)
+        return RunResult("retry", f"run {run_id} ({run.kind}): {error}")
+
+    with conn.begin():
+        _finish(conn, run_id, outcome, last_error=outcome.detail[:MAX_ERROR] if outcome.status == "failed" else None)
+    log = logger.warning if outcome.status == "failed" else logger.info
+    log("event_id=%s run %d (%s) %s: %s", facts.event_id, run_id, run.kind, outcome.status, outcome.detail)
+    return RunResult("final")
+
+
+def _finish(conn: Connection, run_id: int, outcome: Outcome, *, last_error: str | None = None) -> None:
+    values = {"status": outcome.status, "detail": outcome.detail[:MAX_ERROR],
+              "started_at": func.coalesce(OperationRun.started_at, func.clock_timestamp()),
+              "finished_at": func.clock_timestamp()}
+    if last_error is not None:
+        values["last_error"] = last_error
+    conn.execute(update(OperationRun).where(OperationRun.id == run_id).values(**values))
+
+
+def notices(engine: Engine, envelope: Envelope, event: TriggerEventMessage) -> list[Envelope]:
+    """An operation.executed for every final run of the event, the same ids every time."""
+    with connection(engine) as conn:
+        rows = conn.execute(
+            select(OperationRun.id, OperationRun.action_id, OperationRun.operation_id, OperationRun.kind,
+                   OperationRun.status, OperationRun.detail)
+            .where(OperationRun.trigger_event_id == event.trigger_event_id, OperationRun.status != "pending")
+            .order_by(OperationRun.id)
+        ).all()
+    return [
+        new_event(
+            OPERATION_EXECUTED,
+            OperationExecuted(operation_run_id=r.id, trigger_event_id=event.trigger_event_id, action_id=r.action_id,
+                              operation_id=r.operation_id, kind=r.kind, outcome=r.status, detail=r.detail),
+            correlation_id=envelope.correlation_id,
+            causation_id=str(envelope.event_id),
+            event_id=stable_event_id(OPERATION_EXECUTED, event.trigger_event_id, r.action_id, r.operation_id),
+        )
+        for r in rows
+    ]
+
+
+def _domain(address: str) -> str:
+    domain = address.rpartition("@")[2].strip(" >")
+    return domain or "localhost"
