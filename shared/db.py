@@ -72,13 +72,20 @@ class Metric(Base):
 
 class Trigger(Base):
     __tablename__ = "triggers"
-    __table_args__ = (CheckConstraint(_in("operator", OPERATORS), name="operator"),)
+    __table_args__ = (
+        CheckConstraint(_in("operator", OPERATORS), name="operator"),
+        CheckConstraint("for_checks >= 1", name="for_checks"),
+    )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(Text, unique=True)
     metric_key: Mapped[str] = mapped_column(Text, ForeignKey("metrics.key"))
     operator: Mapped[str] = mapped_column(Text)
     threshold: Mapped[float | None] = mapped_column(Double)
     active: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
+    # DESIGN.md section 6 (migration 0007): PROBLEM only after this many PROBLEM checks in
+    # a row; back to OK only past the recovery value (NULL: at the threshold itself).
+    for_checks: Mapped[int] = mapped_column(Integer, server_default=text("1"))
+    recovery_threshold: Mapped[float | None] = mapped_column(Double)
 
 
 class TriggerThreshold(Base):
@@ -108,23 +115,53 @@ class TriggerThreshold(Base):
     offer_id: Mapped[int | None] = mapped_column(Integer)
     affiliate_id: Mapped[int | None] = mapped_column(Integer)
     value: Mapped[float] = mapped_column(Double)
+    recovery_value: Mapped[float | None] = mapped_column(Double)
+
+
+EMAIL_KINDS = OPERATION_KINDS[:3]
 
 
 class Operation(Base):
     __tablename__ = "operations"
-    __table_args__ = (CheckConstraint(_in("kind", OPERATION_KINDS), name="kind"),)
+    __table_args__ = (
+        CheckConstraint(_in("kind", OPERATION_KINDS), name="kind"),
+        CheckConstraint(f"digest_minutes IS NULL OR (digest_minutes > 0 AND {_in('kind', EMAIL_KINDS)})",
+                        name="digest_minutes"),
+    )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(Text, unique=True)
     kind: Mapped[str] = mapped_column(Text)
     subject: Mapped[str | None] = mapped_column(Text)
     body: Mapped[str | None] = mapped_column(Text)
+    # Runs for the same recipients within this many minutes of the first go out as one email.
+    digest_minutes: Mapped[int | None] = mapped_column(Integer)
 
 
 class Action(Base):
     __tablename__ = "actions"
+    __table_args__ = (CheckConstraint("repeat_minutes > 0", name="repeat_minutes"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(Text, unique=True)
     active: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
+    # Email operations run again while the action's conditions hold, at most this often.
+    repeat_minutes: Mapped[int | None] = mapped_column(Integer)
+
+
+class Silence(Base):
+    """While a silence matches a trigger event, its operations are recorded `silenced`.
+    NULL matches anything (DESIGN.md section 6)."""
+
+    __tablename__ = "silences"
+    __table_args__ = (CheckConstraint("ends_at > starts_at", name="window"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    trigger_id: Mapped[int | None] = mapped_column(ForeignKey("triggers.id", ondelete="CASCADE"))
+    offer_id: Mapped[int | None] = mapped_column(Integer)
+    affiliate_id: Mapped[int | None] = mapped_column(Integer)
+    starts_at: Mapped[datetime] = mapped_column(TZ, server_default=func.now())
+    ends_at: Mapped[datetime] = mapped_column(TZ, index=True)
+    reason: Mapped[str] = mapped_column(Text)
+    created_by: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(TZ, server_default=func.now())
 
 
 class ActionCondition(Base):
@@ -295,6 +332,8 @@ class TriggerCheck(Base):
     operator: Mapped[str] = mapped_column(Text)
     threshold: Mapped[float] = mapped_column(Double)
     threshold_scope: Mapped[str | None] = mapped_column(Text)
+    # The recovery value of the row that supplied the threshold (migration 0007).
+    recovery: Mapped[float | None] = mapped_column(Double)
     status: Mapped[str] = mapped_column(Text)
     measured_at: Mapped[datetime] = mapped_column(TZ)
     checked_at: Mapped[datetime] = mapped_column(TZ, server_default=func.now())
@@ -310,11 +349,14 @@ class TriggerState(Base):
     trigger_id: Mapped[int] = mapped_column(ForeignKey("triggers.id", ondelete="CASCADE"))
     offer_id: Mapped[int] = mapped_column(Integer)
     affiliate_id: Mapped[int] = mapped_column(Integer)
-    status: Mapped[str] = mapped_column(Text)
+    # NULL while a new pair's first PROBLEM checks have not reached for_checks (0007).
+    status: Mapped[str | None] = mapped_column(Text)
     # The status before the last change; NULL until the first one (migration 0004).
     previous_status: Mapped[str | None] = mapped_column(Text)
-    # When the pair entered this status (measured_at of the check that changed it).
-    since: Mapped[datetime] = mapped_column(TZ)
+    # When the pair entered this status (measured_at of the check at which it did).
+    since: Mapped[datetime | None] = mapped_column(TZ)
+    # Consecutive PROBLEM checks up to the newest, counted up to for_checks (0007).
+    streak: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     measured_at: Mapped[datetime] = mapped_column(TZ)
     check_id: Mapped[int] = mapped_column(BigInteger)
     value: Mapped[float | None] = mapped_column(Double)
@@ -349,6 +391,8 @@ class TriggerEvent(Base):
     threshold: Mapped[float | None] = mapped_column(Double)
     measured_at: Mapped[datetime] = mapped_column(TZ)
     created_at: Mapped[datetime] = mapped_column(TZ, server_default=func.now())
+    # The trigger.checked message whose handling recorded the event (migration 0007).
+    source_event_id: Mapped[str | None] = mapped_column(Text, index=True)
 
 
 class ActionFiring(Base):

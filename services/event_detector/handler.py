@@ -1,42 +1,52 @@
 """event_detector: trigger.checked -> trigger_states, trigger_events -> trigger.event.*.
 
-Correct with any number of replicas and any delivery order because the database
-serialises the work per pair: one upsert per message creates the missing state rows,
-locks every state row of the batch in primary-key order (so two batches never wait on
-each other in a cycle) and applies each pair's check to the row it locked, whatever
-committed last (state.py says what applying means). A pair with several checks in one
-message takes one more upsert per further check, on rows it already holds.
-trigger_events is unique on check_id, so a redelivery cannot record a change twice; it
-publishes the recorded events of its checks again (same event ids), which covers a crash
-between commit and publish. The checks themselves are read from trigger_checks, the
-record the trigger_checker committed before it published the message.
+What a state change is lives in machine.py (pure, shared with `kpi backtest` and
+`kpi explain`); this module reads and writes what the machine needs, in one transaction
+per message:
+
+1. the message's checks, read from trigger_checks by id (the record the trigger_checker
+   committed before publishing; the message is trusted for nothing else);
+2. a transaction-scoped advisory lock per pair, taken in key order (two batches never
+   wait on each other in a cycle): every write to a pair's state happens under it, so
+   any number of replicas decide each pair one at a time;
+3. the pairs' states, and every recorded check newer than each state up to the newest
+   delivered one (one statement for the whole batch);
+4. the machine applies the delivery; a late check reads back the pair's history to the
+   nearest anchor (rare, and only for that pair);
+5. the new states (one upsert), the changes (one insert; trigger_events is unique on
+   check_id, and the machine records each change under a check no event used before),
+   and the events to publish: those recorded under the message's checks, or by an
+   earlier handling of this very message (a crash between commit and publish).
 """
 
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Collection
+from datetime import datetime, timezone
 
-from sqlalchemy import BigInteger, Double, Integer, Text, any_, case, func, select
+from sqlalchemy import BigInteger, Double, Integer, Text, and_, any_, func, literal, or_, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.engine import Connection, Engine
 
+from services.event_detector.machine import NO_STATE, Change, PairState, Reading, settle
 from shared.batch import split_batch
-from shared.handling import Delivery, HandlerResult
 from shared.db import TZ, Trigger, TriggerCheck, TriggerEvent, TriggerState
 from shared.events import (
     MAX_CHECKS, TRIGGER_EVENT_TYPES, CheckItem, Envelope, TriggerEventMessage, new_event, stable_event_id,
 )
+from shared.handling import Delivery, HandlerResult
 from shared.sql import array, transaction, unnest
-from services.event_detector.state import Change, Check, Pair, change_of, rounds
+from shared.vocabulary import COMPARISONS
 
 logger = logging.getLogger(__name__)
 
+Pair = tuple[int, int, int]  # trigger_id, offer_id, affiliate_id
+
 PAIR_COLUMNS = {"trigger_id": Integer(), "offer_id": Integer(), "affiliate_id": Integer()}
-STATE_COLUMNS = {
-    **PAIR_COLUMNS, "status": Text(), "since": TZ, "measured_at": TZ, "check_id": BigInteger(), "value": Double(),
-    "threshold": Double(),
-}
+# Before any check: a bound for "newer than the state" when there is no state yet.
+BEGINNING = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 trigger_checks = TriggerCheck.__table__
 trigger_states = TriggerState.__table__
@@ -47,131 +57,223 @@ triggers = Trigger.__table__
 def handle_trigger_checked(envelope: Envelope, delivery: Delivery | None = None, *, engine: Engine) -> HandlerResult:
     batch = split_batch(envelope, "checks", CheckItem, MAX_CHECKS)
     with transaction(engine) as conn:
-        checks = _load_checks(conn, sorted({item.check_id for item in batch.valid.values()}))
+        delivered, for_checks = load_readings(conn, sorted({item.check_id for item in batch.valid.values()}))
+        known = {r.check_id for readings in delivered.values() for r in readings}
         for index, item in list(batch.valid.items()):
-            if item.check_id not in checks:
+            if item.check_id not in known:
                 batch.reject(index, "check_id",
                              f"no trigger check {item.check_id} (unknown, or its trigger was deleted)")
         if not batch.valid:
             raise batch.nothing_valid_error()
 
-        by_pair: dict[Pair, list[Check]] = defaultdict(list)
-        for pair, check in checks.values():
-            by_pair[pair].append(check)
-        changes, created, updated = apply_checks(conn, by_pair)
-        new_events = _record_events(conn, changes)
-        rows = _load_events(conn, sorted(checks))
+        pairs = sorted(delivered)
+        lock_pairs(conn, pairs)
+        stored, previous_statuses = load_states(conn, pairs)
+        newer = load_newer(conn, {p: (stored[p].measured_at, max(r.measured_at for r in delivered[p])) for p in pairs})
+        states: dict[Pair, PairState] = {}
+        changes: list[tuple[Pair, Change]] = []
+        for pair in pairs:
+            state, pair_changes = settle(stored[pair], delivered[pair], newer.get(pair, []), for_checks[pair[0]],
+                                         PairHistory(conn, pair))
+            if state != stored[pair]:
+                states[pair] = state
+            changes += [(pair, change) for change in pair_changes]
+        write_states(conn, states, stored, previous_statuses, changes)
+        new_events = record_changes(conn, changes, str(envelope.event_id))
+        rows = load_events(conn, sorted(known), str(envelope.event_id))
     events = [_event_message(envelope, row) for row in rows]
     logger.info(
-        "detected event_id=%s checks=%d invalid=%d pairs=%d new_states=%d updated_states=%d changes=%d "
-        "new_events=%d published=%d",
-        envelope.event_id, len(batch.raw), len(batch.reasons), len(by_pair), created, updated,
-        len(changes), new_events, len(events),
+        "detected event_id=%s checks=%d invalid=%d pairs=%d states_written=%d changes=%d new_events=%d "
+        "published=%d",
+        envelope.event_id, len(batch.raw), len(batch.reasons), len(pairs), len(states), len(changes), new_events,
+        len(events),
     )
     dead = batch.dead_letter()
     return HandlerResult(events=events, dead_letters=[dead] if dead else [])
 
 
-def _load_checks(conn: Connection, check_ids: list[int]) -> dict[int, tuple[Pair, Check]]:
+# -- reading ----------------------------------------------------------------------------------
+
+
+def array_of_ids(ids: list[int]):  # noqa: ANN201 (a SQLAlchemy element)
+    return array(ids, BigInteger())
+
+
+def as_reading(check_id: int, measured_at: datetime, value: float, threshold: float, recovery: float | None,
+               operator: str, status: str) -> Reading:
+    """A recorded check as the machine sees it: does it clear the recovery value too?"""
+    clears = status == "OK" and not COMPARISONS[operator](value, threshold if recovery is None else recovery)
+    return Reading(check_id, measured_at, value, threshold, status, clears)  # type: ignore[arg-type]
+
+
+READING_COLUMNS = (trigger_checks.c.id, trigger_checks.c.measured_at, trigger_checks.c.value,
+                   trigger_checks.c.threshold, trigger_checks.c.recovery, trigger_checks.c.operator,
+                   trigger_checks.c.status)
+
+
+def load_readings(conn: Connection, check_ids: list[int]) -> tuple[dict[Pair, list[Reading]], dict[int, int]]:
+    """The delivered checks by pair (unknown ids, or checks of deleted triggers, left
+    out), and for_checks of their triggers."""
     if not check_ids:
-        return {}
+        return {}, {}
     c = trigger_checks.c
     rows = conn.execute(
-        select(c.id, c.trigger_id, c.offer_id, c.affiliate_id, c.status, c.measured_at, c.value, c.threshold)
+        select(c.trigger_id, c.offer_id, c.affiliate_id, *READING_COLUMNS, triggers.c.for_checks)
         .join(triggers, triggers.c.id == c.trigger_id)
-        .where(c.id == any_(array(check_ids, BigInteger())))
+        .where(c.id == any_(array_of_ids(check_ids)))
     ).all()
-    return {
-        check_id: ((trigger_id, offer_id, affiliate_id), Check(check_id, status, measured_at, value, threshold))
-        for check_id, trigger_id, offer_id, affiliate_id, status, measured_at, value, threshold in rows
-    }
+    by_pair: dict[Pair, list[Reading]] = defaultdict(list)
+    for_checks: dict[int, int] = {}
+    for t, o, a, *reading, for_checks_of_trigger in rows:
+        by_pair[t, o, a].append(as_reading(*reading))
+        for_checks[t] = for_checks_of_trigger
+    return by_pair, for_checks
 
 
-def apply_checks(conn: Connection, by_pair: dict[Pair, list[Check]]) -> tuple[list[tuple[Pair, Change]], int, int]:
-    """Apply a message's checks to trigger_states; return the changes they made and how
-    many states were created and updated."""
-    changes: list[tuple[Pair, Change]] = []
-    created = updated = 0
-    for round_ in rounds(by_pair):
-        for pair, status, check_id, status_set, previous_status in _apply_round(conn, round_):
-            check = round_[pair]
-            assert check_id == check.id, "the upsert returns only the rows its check was applied to"
-            if status_set and previous_status is None:
-                created += 1
-            else:
-                updated += 1
-            change = change_of(check, status, status_set, previous_status)
-            if change is not None:
-                changes.append((pair, change))
-    return changes, created, updated
+def lock_pairs(conn: Connection, pairs: list[Pair]) -> None:
+    """Transaction-scoped advisory locks on the pairs, in key order (pairs is sorted)."""
+    v = unnest(PAIR_COLUMNS, pairs)
+    ordered = select(v.c.trigger_id, v.c.offer_id, v.c.affiliate_id).order_by(
+        v.c.trigger_id, v.c.offer_id, v.c.affiliate_id).subquery()
+    key = func.hashtextextended(
+        func.concat("trigger_state:", ordered.c.trigger_id, ":", ordered.c.offer_id, ":", ordered.c.affiliate_id), 0)
+    conn.execute(select(func.count(func.pg_advisory_xact_lock(key))).select_from(ordered))
 
 
-def _apply_round(conn: Connection, round_: dict[Pair, Check]) -> list[tuple[Pair, str, int, bool, str | None]]:
-    """One check per pair, as state.py describes, in one statement: the states it created
-    or changed (status, check_id, whether this check set the status, previous_status),
-    not those it left alone.
+def load_states(conn: Connection, pairs: list[Pair]) -> tuple[dict[Pair, PairState], dict[Pair, str | None]]:
+    s = trigger_states.c
+    v = unnest(PAIR_COLUMNS, pairs)
+    rows = conn.execute(
+        select(s.trigger_id, s.offer_id, s.affiliate_id, s.status, s.streak, s.since, s.check_id, s.measured_at,
+               s.value, s.threshold, s.previous_status)
+        .select_from(v.join(trigger_states, and_(s.trigger_id == v.c.trigger_id, s.offer_id == v.c.offer_id,
+                                                 s.affiliate_id == v.c.affiliate_id)))
+    ).all()
+    states = dict.fromkeys(pairs, NO_STATE)
+    previous: dict[Pair, str | None] = {}
+    for t, o, a, status, streak, since, check_id, measured_at, value, threshold, previous_status in rows:
+        # The machine needs only the id and time of the newest check folded in.
+        last = Reading(check_id, measured_at, value, threshold, status or "OK", False)
+        states[t, o, a] = PairState(status, streak, since, last)
+        previous[t, o, a] = previous_status
+    return states, previous
 
-    INSERT ... ON CONFLICT DO UPDATE takes the rows in primary-key order (the SELECT's
-    ORDER BY), locks each existing one (waiting for a concurrent writer to commit) and
-    evaluates SET and WHERE on its latest committed version; a row the WHERE leaves
-    alone stays locked too. SET expressions all read the row as it was.
-    """
-    v = unnest(STATE_COLUMNS, [
-        (*pair, check.status, check.measured_at, check.measured_at, check.id, check.value, check.threshold)
-        for pair, check in round_.items()
-    ])
-    stmt = insert(trigger_states).from_select(
-        [*STATE_COLUMNS, "updated_at"],
-        select(*v.c, func.clock_timestamp()).order_by(v.c.trigger_id, v.c.offer_id, v.c.affiliate_id),
-    )
-    s, new = trigger_states.c, stmt.excluded
-    same_status = s.status == new.status
-    stmt = stmt.on_conflict_do_update(
+
+def load_newer(conn: Connection, windows: dict[Pair, tuple[datetime | None, datetime]]) -> dict[Pair, list[Reading]]:
+    """Per pair, the recorded checks with after < measured_at <= until, oldest first:
+    the delivered ones and any recorded but still on their way."""
+    wanted = [(*pair, after or BEGINNING, until) for pair, (after, until) in windows.items()
+              if after is None or until > after]
+    if not wanted:
+        return {}
+    v = unnest({**PAIR_COLUMNS, "after": TZ, "until": TZ}, wanted)
+    c = trigger_checks.c
+    rows = conn.execute(
+        select(c.trigger_id, c.offer_id, c.affiliate_id, *READING_COLUMNS)
+        .select_from(v.join(trigger_checks, and_(
+            c.trigger_id == v.c.trigger_id, c.offer_id == v.c.offer_id, c.affiliate_id == v.c.affiliate_id,
+            c.measured_at > v.c.after, c.measured_at <= v.c.until)))
+        .order_by(c.trigger_id, c.offer_id, c.affiliate_id, c.measured_at)
+    ).all()
+    out: dict[Pair, list[Reading]] = defaultdict(list)
+    for t, o, a, *reading in rows:
+        out[t, o, a].append(as_reading(*reading))
+    return out
+
+
+class PairHistory:
+    """One pair's recorded checks, read on demand when a late check needs a refold."""
+
+    def __init__(self, conn: Connection, pair: Pair):
+        self.conn = conn
+        c = trigger_checks.c
+        self.where = and_(c.trigger_id == pair[0], c.offer_id == pair[1], c.affiliate_id == pair[2])
+
+    def before(self, measured_at: datetime, limit: int) -> list[Reading]:
+        c = trigger_checks.c
+        rows = self.conn.execute(select(*READING_COLUMNS).where(self.where, c.measured_at < measured_at)
+                                 .order_by(c.measured_at.desc()).limit(limit)).all()
+        return [as_reading(*r) for r in rows]
+
+    def between(self, first: datetime, last: datetime) -> list[Reading]:
+        c = trigger_checks.c
+        rows = self.conn.execute(select(*READING_COLUMNS).where(self.where, c.measured_at >= first,
+                                                                c.measured_at <= last)
+                                 .order_by(c.measured_at)).all()
+        return [as_reading(*r) for r in rows]
+
+    def tagged(self, check_ids: Collection[int]) -> set[int]:
+        if not check_ids:
+            return set()
+        e = trigger_events.c
+        return set(self.conn.scalars(select(e.check_id).where(e.check_id == any_(array_of_ids(list(check_ids))))))
+
+
+# -- writing ----------------------------------------------------------------------------------
+
+STATE_COLUMNS = {
+    **PAIR_COLUMNS, "status": Text(), "previous_status": Text(), "since": TZ, "streak": Integer(),
+    "measured_at": TZ, "check_id": BigInteger(), "value": Double(), "threshold": Double(),
+}
+
+
+def write_states(conn: Connection, states: dict[Pair, PairState], stored: dict[Pair, PairState],
+                 previous_statuses: dict[Pair, str | None], changes: list[tuple[Pair, Change]]) -> None:
+    if not states:
+        return
+    last_change = {pair: change for pair, change in changes}
+    rows = []
+    for pair, state in sorted(states.items()):
+        assert state.last is not None
+        if pair in last_change:
+            previous = last_change[pair].previous
+        elif state.status != stored[pair].status:
+            previous = stored[pair].status  # a first OK: stored without a word
+        else:
+            previous = previous_statuses.get(pair)
+        rows.append((*pair, state.status, previous, state.since, state.streak, state.last.measured_at,
+                     state.last.check_id, state.last.value, state.last.threshold))
+    v = unnest(STATE_COLUMNS, rows)
+    stmt = insert(trigger_states).from_select([*STATE_COLUMNS, "updated_at"],
+                                              select(*v.c, func.clock_timestamp()))
+    conn.execute(stmt.on_conflict_do_update(
         index_elements=list(PAIR_COLUMNS),
-        set_={
-            "status": new.status,
-            "since": case((same_status, s.since), else_=new.since),
-            "previous_status": case((same_status, s.previous_status), else_=s.status),
-            "measured_at": new.measured_at, "check_id": new.check_id, "value": new.value,
-            "threshold": new.threshold, "updated_at": new.updated_at,
-        },
-        # Only a newer check: an older one (out of order) or the same again changes nothing.
-        where=new.measured_at > s.measured_at,
-    ).returning(s.trigger_id, s.offer_id, s.affiliate_id, s.status, s.check_id,
-                # A boolean, not the two timestamps: parsing them cost more than the rest.
-                (s.since == s.measured_at).label("status_set"), s.previous_status)
-    return [((t, o, a), status, check_id, status_set, previous)
-            for t, o, a, status, check_id, status_set, previous in conn.execute(stmt)]
+        set_={name: stmt.excluded[name] for name in [*STATE_COLUMNS, "updated_at"] if name not in PAIR_COLUMNS},
+    ))
 
 
-def _record_events(conn: Connection, changes: list[tuple[Pair, Change]]) -> int:
+def record_changes(conn: Connection, changes: list[tuple[Pair, Change]], source_event_id: str) -> int:
     if not changes:
         return 0
     rows = sorted(
-        (change.check.id, *pair, change.previous_status, change.status, change.check.value,
-         change.check.threshold, change.check.measured_at)
+        (change.tag.check_id, *pair, change.previous, change.status, change.entered.value,
+         change.entered.threshold, change.entered.measured_at)
         for pair, change in changes
     )
     v = unnest({
         "check_id": BigInteger(), **PAIR_COLUMNS, "previous_status": Text(), "status": Text(), "value": Double(),
         "threshold": Double(), "measured_at": TZ,
     }, rows)
-    stmt = (
+    recorded = conn.execute(
         insert(trigger_events)
-        .from_select(list(v.c.keys()), select(*v.c).order_by(v.c.check_id))
+        .from_select([*v.c.keys(), "source_event_id"], select(*v.c, literal(source_event_id)).order_by(v.c.check_id))
         .on_conflict_do_nothing(index_elements=["check_id"])
-    )
-    return conn.execute(stmt).rowcount
+    ).rowcount
+    if recorded != len(rows):  # the machine chose checks no event used: this would be a bug
+        logger.error("event_id=%s recorded %d of %d changes: a check already had an event", source_event_id,
+                     recorded, len(rows))
+    return recorded
 
 
-def _load_events(conn: Connection, check_ids: list[int]) -> list:
-    """The recorded changes of the batch's checks, whoever recorded them and when."""
+def load_events(conn: Connection, check_ids: list[int], source_event_id: str) -> list:
+    """The recorded changes of the batch's checks, whoever recorded them and when, and
+    those an earlier handling of this message recorded under other checks."""
     e = trigger_events.c
     return list(conn.execute(
         select(e.id, e.trigger_id, triggers.c.name, e.offer_id, e.affiliate_id, e.previous_status, e.status,
                e.value, e.threshold, e.measured_at, e.check_id)
         .join(triggers, triggers.c.id == e.trigger_id)
-        .where(e.check_id == any_(array(check_ids, BigInteger())))
+        .where(or_(e.check_id == any_(array_of_ids(check_ids)), e.source_event_id == source_event_id))
         .order_by(e.id)
     ))
 

@@ -169,7 +169,7 @@ def load_rules(conn: Connection, values: Collection[Value]) -> tuple[list[Trigge
     th, oc = thresholds.c, offer_categories.c
     # A category threshold comes once per offer of the batch in that category.
     relevant = (
-        select(th.trigger_id, th.scope, th.offer_id, th.affiliate_id, th.category_id, th.value,
+        select(th.trigger_id, th.scope, th.offer_id, th.affiliate_id, th.category_id, th.value, th.recovery_value,
                oc.offer_id.label("category_offer_id"))
         .select_from(thresholds.outerjoin(offer_categories, and_(
             th.scope == "offer_category", oc.category_id == th.category_id, oc.offer_id == any_(offers),
@@ -184,8 +184,9 @@ def load_rules(conn: Connection, values: Collection[Value]) -> tuple[list[Trigge
     )
     t = triggers.c
     rows = conn.execute(
-        select(t.id, t.name, t.metric_key, t.operator, t.threshold, relevant.c.scope, relevant.c.offer_id,
-               relevant.c.affiliate_id, relevant.c.category_id, relevant.c.value, relevant.c.category_offer_id)
+        select(t.id, t.name, t.metric_key, t.operator, t.threshold, t.recovery_threshold, relevant.c.scope,
+               relevant.c.offer_id, relevant.c.affiliate_id, relevant.c.category_id, relevant.c.value,
+               relevant.c.recovery_value, relevant.c.category_offer_id)
         .select_from(triggers.outerjoin(relevant, relevant.c.trigger_id == t.id))
         .where(t.active, t.metric_key == any_(keys))
         .order_by(t.id)
@@ -195,15 +196,17 @@ def load_rules(conn: Connection, values: Collection[Value]) -> tuple[list[Trigge
     for r in rows:
         rule = rules.get(r.id)
         if rule is None:
-            rule = rules[r.id] = TriggerRule(r.id, r.name, r.metric_key, r.operator, r.threshold)
-        if r.scope == "offer_affiliate":
-            rule.offer_affiliate[r.offer_id, r.affiliate_id] = r.value
-        elif r.scope == "affiliate":
-            rule.affiliate[r.affiliate_id] = r.value
-        elif r.scope == "offer":
-            rule.offer[r.offer_id] = r.value
-        elif r.scope == "offer_category":
-            rule.category[r.category_id] = r.value
+            rule = rules[r.id] = TriggerRule(r.id, r.name, r.metric_key, r.operator, r.threshold,
+                                             general_recovery=r.recovery_threshold)
+        if r.scope is None:
+            continue
+        key = {"offer_affiliate": (r.offer_id, r.affiliate_id), "affiliate": r.affiliate_id, "offer": r.offer_id,
+               "offer_category": r.category_id}[r.scope]
+        {"offer_affiliate": rule.offer_affiliate, "affiliate": rule.affiliate, "offer": rule.offer,
+         "offer_category": rule.category}[r.scope][key] = r.value
+        if r.recovery_value is not None:
+            rule.recovery[r.scope, key] = r.recovery_value
+        if r.scope == "offer_category":
             categories.setdefault(r.category_offer_id, set()).add(r.category_id)
     return list(rules.values()), categories
 
@@ -239,12 +242,13 @@ def _record_checks(conn: Connection, checks: list[Check], skipped: list[tuple[Tr
     if checks:
         rows = sorted(
             (c.trigger_id, c.value.offer_id, c.value.affiliate_id, c.value.measured_at, c.value.value, c.operator,
-             c.threshold.value, c.threshold.scope, c.status)
+             c.threshold.value, c.threshold.scope, c.threshold.recovery, c.status)
             for c in checks
         )
         v = unnest({
             "trigger_id": Integer(), "offer_id": Integer(), "affiliate_id": Integer(), "measured_at": TZ,
             "value": Double(), "operator": Text(), "threshold": Double(), "threshold_scope": Text(),
+            "recovery": Double(),
             "status": Text(),
         }, rows)
         c = trigger_checks.c

@@ -29,6 +29,10 @@ class TriggerRule:
     affiliate: dict[int, float] = field(default_factory=dict)
     offer: dict[int, float] = field(default_factory=dict)
     category: dict[int, float] = field(default_factory=dict)
+    # Recovery values (DESIGN.md section 6) of the rows above that have one, keyed by
+    # (scope, the key in that scope's dict); the general one beside `general`.
+    recovery: dict[tuple[str, object], float] = field(default_factory=dict)
+    general_recovery: float | None = None
 
 
 class Threshold(NamedTuple):
@@ -36,24 +40,32 @@ class Threshold(NamedTuple):
     # of them, and a frozen dataclass costs three times as much to create.
     value: float
     scope: CheckScope
+    # From the same row as the value; None: recovery at the threshold itself.
+    recovery: float | None = None
 
 
 def resolve_threshold(
     rule: TriggerRule, offer_id: int, affiliate_id: int, offer_categories: Collection[int] = ()
 ) -> Threshold | None:
     """The effective threshold of (offer, affiliate) for `rule`, or None when it has none."""
+    recovery = rule.recovery
     if (offer_id, affiliate_id) in rule.offer_affiliate:
-        return Threshold(rule.offer_affiliate[offer_id, affiliate_id], "offer_affiliate")
+        key: object = (offer_id, affiliate_id)
+        return Threshold(rule.offer_affiliate[key], "offer_affiliate",  # type: ignore[index]
+                         recovery.get(("offer_affiliate", key)) if recovery else None)
     if affiliate_id in rule.affiliate:
-        return Threshold(rule.affiliate[affiliate_id], "affiliate")
+        return Threshold(rule.affiliate[affiliate_id], "affiliate",
+                         recovery.get(("affiliate", affiliate_id)) if recovery else None)
     if offer_id in rule.offer:
-        return Threshold(rule.offer[offer_id], "offer")
+        return Threshold(rule.offer[offer_id], "offer", recovery.get(("offer", offer_id)) if recovery else None)
     if rule.category and offer_categories:
         with_threshold = [category for category in offer_categories if category in rule.category]
         if with_threshold:
-            return Threshold(rule.category[min(with_threshold)], "offer_category")
+            category = min(with_threshold)
+            return Threshold(rule.category[category], "offer_category",
+                             recovery.get(("offer_category", category)) if recovery else None)
     if rule.general is not None:
-        return Threshold(rule.general, "general")
+        return Threshold(rule.general, "general", rule.general_recovery)
     return None
 
 

@@ -280,8 +280,12 @@ class Faults:
         for record in self.of("PostgreSQL restart"):
             if record.down_at is None:
                 continue
-            caught = [(run, sum(1 for t in times if t < record.down_at)) for run, times in effects.items()
-                      if min(times) < record.down_at < done.get(run, 0)]
+            # A replica that claimed a run before the server stopped may still make its side
+            # effect while it is down (it learns only when it commits): the window lasts
+            # until the server is back.
+            back = record.ended or record.down_at
+            caught = [(run, sum(1 for t in times if t < back)) for run, times in effects.items()
+                      if min(times) < back and record.down_at < done.get(run, 0)]
             record.window = [run for run, _ in caught]
             if caught:
                 record.note += f"; not committed: runs {record.window}"
