@@ -21,7 +21,7 @@ import logging
 import threading
 import uuid
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import Connection, Engine, func, select, update
 
@@ -34,6 +34,7 @@ from shared.events import (
     OPERATION_EXECUTED, TRIGGER_EVENT_TYPES, OperationExecuted, TriggerEventMessage, new_event, stable_event_id,
 )
 from shared.rabbitmq import CONNECTION_ERRORS, Bus, PublishError
+from shared.recorded import trigger_event_message
 from shared.settings import Settings
 from shared.sql import connection, transaction
 
@@ -43,6 +44,8 @@ DIGEST_LOCK = 0x6B706B
 ALERT_LOCK = 0x6B706C
 # A digest whose email keeps failing is given up after this many ticks' attempts.
 DIGEST_ATTEMPTS = 50
+# A released run still pending after this long is announced again.
+RELEASE_GRACE_SECONDS = 60
 
 
 class Ticker:
@@ -75,6 +78,7 @@ class Ticker:
             self._pending += self.send_digest(digest_id)
         self.send_alerts()
         self._pending += self.record_reminders()
+        self._pending += self.released_not_run()
         self._publish_pending()
 
     # -- digests ---------------------------------------------------------------------------
@@ -208,7 +212,8 @@ class Ticker:
             events: dict[int, TriggerEventMessage] = {}
             now = conn.execute(select(func.now())).scalar_one()
             for trigger_event_id, action_id, repeat, measured_at in due:
-                event = events.get(trigger_event_id) or event_message(conn, trigger_event_id)
+                event = events.get(trigger_event_id) or trigger_event_message(conn, trigger_event_id)
+                assert event is not None  # action_firings references trigger_events
                 events[trigger_event_id] = event
                 [action] = firing.load_actions(conn, action_ids=[action_id])
                 added = firing.add_runs(conn, event, [(action, op) for op in action.email_operations],
@@ -218,6 +223,19 @@ class Ticker:
                                 repeat, action_id, measured_at.isoformat())
         return [new_event(TRIGGER_EVENT_TYPES[event.status], event, correlation_id="reminder",
                           event_id=uuid.uuid4()) for event in events.values()]
+
+    def released_not_run(self) -> list:
+        """Held runs released a while ago and still pending: their announcement was lost
+        (`kpi held release` publishes after its commit, and a publish can fail)."""
+        with connection(self.engine) as conn:
+            ids = list(conn.scalars(
+                select(OperationRun.trigger_event_id).distinct().where(
+                    OperationRun.status == "pending", OperationRun.decided_at.is_not(None),
+                    OperationRun.started_at.is_(None),
+                    OperationRun.decided_at < func.now() - timedelta(seconds=RELEASE_GRACE_SECONDS))))
+            events = [trigger_event_message(conn, te) for te in ids]
+        return [new_event(TRIGGER_EVENT_TYPES[e.status], e, correlation_id="held-release", event_id=uuid.uuid4())
+                for e in events if e is not None]
 
     # -- publishing ----------------------------------------------------------------------------
 
@@ -245,17 +263,6 @@ class Ticker:
         except CONNECTION_ERRORS:
             self._bus.close()
             self._bus = None
-
-
-def event_message(conn: Connection, trigger_event_id: int) -> TriggerEventMessage:
-    e = TriggerEvent
-    row = conn.execute(select(e.id, e.trigger_id, Trigger.name, e.offer_id, e.affiliate_id, e.previous_status,
-                              e.status, e.value, e.threshold, e.measured_at, e.check_id)
-                       .join(Trigger, Trigger.id == e.trigger_id).where(e.id == trigger_event_id)).one()
-    return TriggerEventMessage.model_construct(
-        trigger_event_id=row.id, trigger_id=row.trigger_id, trigger_name=row.name, offer_id=row.offer_id,
-        affiliate_id=row.affiliate_id, previous_status=row.previous_status, status=row.status, value=row.value,
-        threshold=row.threshold, measured_at=row.measured_at, check_id=row.check_id)
 
 
 # -- what a digest says ----------------------------------------------------------------------------
