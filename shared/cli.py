@@ -11,6 +11,8 @@
     kpi queues upgrade               redeclare the queues as configured (classic -> quorum)
     kpi silence add|list|end         silences: operations of matching events are recorded `silenced`
     kpi held list|release|discard    rejects held by KPI_MAX_REJECTS_PER_HOUR
+    kpi backtest --from TS [--to TS] what the current rules would have done with the stored values
+    kpi explain --trigger NAME --offer ID --affiliate ID   why a pair is in its state, what acted on it
 
 Exit codes: 0 ok, 2 bad arguments or input, 3 RabbitMQ or PostgreSQL unreachable.
 """
@@ -23,7 +25,9 @@ import json
 import logging
 import os
 import sys
+from collections import Counter
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -348,6 +352,65 @@ def cmd_held(settings: Settings, args: argparse.Namespace) -> None:
         engine.dispose()
 
 
+# -- backtest and explain -----------------------------------------------------------------------
+
+
+def _time(text: str, flag: str) -> datetime:
+    try:
+        return silences.parse_time(text)
+    except silences.SilenceError:
+        raise CliError(f"invalid {flag} {text!r}: use ISO 8601, e.g. 2026-11-25T00:00:00Z") from None
+
+
+def cmd_backtest(settings: Settings, args: argparse.Namespace) -> None:
+    from shared import backtest
+
+    start = _time(args.start, "--from")
+    engine = _engine(settings)
+    try:
+        with engine.connect() as conn:
+            end = _time(args.end, "--to") if args.end else conn.execute(select(func.now())).scalar_one()
+            if end <= start:
+                raise CliError(f"--to ({end.isoformat()}) must be after --from ({start.isoformat()})")
+            # Read-only: the replay writes nothing, and this transaction could not if it tried.
+            conn.exec_driver_sql("SET TRANSACTION READ ONLY")
+            result = backtest.run(conn, start, end, settings.kpi_max_rejects_per_hour)
+            conn.rollback()
+    finally:
+        engine.dispose()
+    if args.json:
+        print(json.dumps(result.as_json(), indent=2))
+        return
+    summary = result.summary()
+    print(f"Backtest of {result.values} stored value(s) measured from {start.isoformat()} to {end.isoformat()} "
+          f"({result.checks} checks) through the current rules:")
+    by_status = Counter(change["status"] for change in result.state_changes)
+    print(f"  state changes: {summary['state_changes']} "
+          f"({by_status.get('PROBLEM', 0)} to PROBLEM, {by_status.get('OK', 0)} to OK)")
+    ops = Counter((op["kind"], op["outcome"]) for op in result.operations)
+    _table(["operation", "would run", "held", "skipped", "silenced"],
+           [[kind, ops[kind, "would_run"], ops[kind, "held"], ops[kind, "skipped"], ops[kind, "silenced"]]
+            for kind in sorted({k for k, _ in ops})])
+    rejected = summary["rejected_affiliates"]
+    print(f"  affiliates that would be rejected: {len(rejected)}"
+          + (": " + ", ".join(f"offer {o} / affiliate {a}" for o, a in rejected[:20]) if rejected else "")
+          + (" ..." if len(rejected) > 20 else ""))
+
+
+def cmd_explain(settings: Settings, args: argparse.Namespace) -> None:
+    from shared import explain
+
+    engine = _engine(settings)
+    try:
+        with engine.connect() as conn:
+            report = explain.explain(conn, args.trigger, args.offer, args.affiliate)
+    except explain.ExplainError as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        engine.dispose()
+    print(json.dumps(report, indent=2, default=str) if args.json else explain.as_text(report))
+
+
 def _num(value: float | None) -> str:
     return "" if value is None else f"{value:g}"
 
@@ -412,6 +475,17 @@ def parser() -> argparse.ArgumentParser:
     held_.add_argument("--by", help="who decides (default: the login name)")
     held_.add_argument("--json", action="store_true")
     held_.set_defaults(run=cmd_held)
+    backtest = sub.add_parser("backtest", help="replay stored values through the current rules (no side effect)")
+    backtest.add_argument("--from", dest="start", required=True, help="ISO 8601 (UTC unless it says otherwise)")
+    backtest.add_argument("--to", dest="end", help="ISO 8601; default now")
+    backtest.add_argument("--json", action="store_true")
+    backtest.set_defaults(run=cmd_backtest)
+    explain_ = sub.add_parser("explain", help="a pair's state, thresholds, checks, changes and actions")
+    explain_.add_argument("--trigger", required=True, help="the trigger's name")
+    explain_.add_argument("--offer", type=int, required=True)
+    explain_.add_argument("--affiliate", type=int, required=True)
+    explain_.add_argument("--json", action="store_true")
+    explain_.set_defaults(run=cmd_explain)
     return p
 
 

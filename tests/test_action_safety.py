@@ -179,6 +179,12 @@ def test_rejects_beyond_the_hourly_cap_are_held_and_the_first_hold_is_recorded_o
     with world.connect() as conn:
         alerts = conn.execute(text("SELECT held_run_id FROM reject_cap_alerts")).scalars().all()
     assert alerts == [runs(world)[4]["id"]]
+    mailer = FakeMailer()
+    for _ in range(2):  # any number of ticks, of any replica: one email
+        tick(world, mailer, kpi_max_rejects_per_hour=4)
+    [alert] = mailer.sent
+    assert alert.recipients == ("ops@net.example",) and "Rejects held" in alert.subject
+    assert f"reject run {alerts[0]} is held, 2 held in all" in alert.text
 
 
 def test_a_cap_of_zero_holds_every_reject(world, api, fake_api):

@@ -170,8 +170,8 @@ class Ticker:
 
     def _send_alert(self, conn: Connection, hour: datetime) -> None:
         with conn.begin():
-            alert = conn.execute(select(RejectCapAlert).where(RejectCapAlert.hour == hour,
-                                                              RejectCapAlert.sent_at.is_(None))).scalar()
+            alert = conn.execute(select(RejectCapAlert.held_run_id).where(RejectCapAlert.hour == hour,
+                                                                          RejectCapAlert.sent_at.is_(None))).first()
             if alert is None:
                 return
             admins = list(conn.scalars(select(Administrator.email).where(Administrator.active)
