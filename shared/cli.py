@@ -9,6 +9,10 @@
     kpi dead replay SERVICE          put dead letters back on the exchange
     kpi web [--host H] [--port P]    the operators' console (HTTP Basic: KPI_WEB_USER, KPI_WEB_PASSWORD)
     kpi queues upgrade               redeclare the queues as configured (classic -> quorum)
+    kpi silence add|list|end         silences: operations of matching events are recorded `silenced`
+    kpi held list|release|discard    rejects held by KPI_MAX_REJECTS_PER_HOUR
+    kpi backtest --from TS [--to TS] what the current rules would have done with the stored values
+    kpi explain --trigger NAME --offer ID --affiliate ID   why a pair is in its state, what acted on it
 
 Exit codes: 0 ok, 2 bad arguments or input, 3 RabbitMQ or PostgreSQL unreachable.
 """
@@ -16,19 +20,24 @@ Exit codes: 0 ok, 2 bad arguments or input, 3 RabbitMQ or PostgreSQL unreachable
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import logging
+import os
 import sys
+from collections import Counter
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 
 from pydantic import ValidationError
 from sqlalchemy import Engine, Select, func, literal, select
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
-from shared import migrate
+from shared import held, migrate, silences
 from shared.rabbitmq import (
-    CONNECTION_ERRORS, SERVICE_BINDINGS, BrokerUnavailableError, Bus, QueueMismatchError, dead_letter_count,
+    CONNECTION_ERRORS, SERVICE_BINDINGS, BrokerUnavailableError, Bus, PublishError, QueueMismatchError,
+    dead_letter_count,
     read_dead_letters, replay_dead_letters,
 )
 from shared.rabbitmq.migration import UpgradeError, upgrade_queues
@@ -127,7 +136,7 @@ def _counts_query() -> Select:
     return (
         select(Trigger.name, Trigger.metric_key, Trigger.active,
                func.count().filter(s.status == "PROBLEM").label("problem"),
-               func.count().filter(s.status == "OK").label("ok"))
+               func.count().filter(s.status == "OK").label("ok"), Trigger.for_checks, Trigger.recovery_threshold)
         .outerjoin(s, s.trigger_id == Trigger.id)
         .group_by(Trigger.id).order_by(Trigger.name)
     )
@@ -138,27 +147,34 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> None:
     with engine.connect() as conn:
         problems = conn.execute(_problems_query(args.limit)).all()
         counts = conn.execute(_counts_query()).all()
+        in_force = silences.listing(conn)
     engine.dispose()
     if args.json:
         print(json.dumps({
             "problems": [{"trigger": r[0], "offer_id": r[1], "affiliate_id": r[2], "value": r[3],
                           "threshold": r[4], "since": r[5].isoformat()} for r in problems],
-            "triggers": [{"trigger": r[0], "metric": r[1], "active": r[2], "problem": r[3], "ok": r[4]}
-                         for r in counts],
+            "triggers": [{"trigger": r[0], "metric": r[1], "active": r[2], "problem": r[3], "ok": r[4],
+                          "for_checks": r[5], "recovery": r[6]} for r in counts],
+            "silences": [_silence_json(x) for x in in_force],
         }, indent=2))
         return
     print(f"Pairs in PROBLEM ({len(problems)}{'+' if len(problems) == args.limit else ''}):")
     _table(["trigger", "offer", "affiliate", "value", "threshold", "since"],
            [[r[0], r[1], r[2], _num(r[3]), _num(r[4]), r[5].strftime("%Y-%m-%d %H:%M:%S%z")] for r in problems])
     print("\nPer trigger:")
-    _table(["trigger", "metric", "active", "PROBLEM", "OK"], [[r[0], r[1], r[2], r[3], r[4]] for r in counts])
+    _table(["trigger", "metric", "active", "for checks", "recovery", "PROBLEM", "OK"],
+           [[r[0], r[1], r[2], r[5], _num(r[6]), r[3], r[4]] for r in counts])
+    if in_force:
+        print()
+        _print_silences(in_force)
 
 
 def _triggers_query() -> Select:
     t, h = Trigger, TriggerThreshold
     return (
         select(t.id, t.name, t.metric_key, t.operator, t.threshold, t.active,
-               h.scope, h.category_id, h.offer_id, h.affiliate_id, h.value)
+               h.scope, h.category_id, h.offer_id, h.affiliate_id, h.value, t.for_checks, t.recovery_threshold,
+               h.recovery_value)
         .outerjoin(h, h.trigger_id == t.id)
         .order_by(t.name, h.scope, h.category_id, h.offer_id, h.affiliate_id)
     )
@@ -168,13 +184,20 @@ def cmd_triggers(settings: Settings, args: argparse.Namespace) -> None:
     engine = _engine(settings)
     with engine.connect() as conn:
         rows = conn.execute(_triggers_query()).all()
-    engine.dispose()
     out = []
     for r in rows:
         target = {"offer_category": f"category {r[7]}", "offer": f"offer {r[8]}", "affiliate": f"affiliate {r[9]}",
                   "offer_affiliate": f"offer {r[8]} / affiliate {r[9]}"}.get(r[6], "")
-        out.append([r[0], r[1], r[2], r[3], _num(r[4]), "yes" if r[5] else "no", r[6] or "", target, _num(r[10])])
-    _table(["id", "trigger", "metric", "op", "general", "active", "scope", "target", "value"], out)
+        out.append([r[0], r[1], r[2], r[3], _num(r[4]), _num(r[12]), r[11], "yes" if r[5] else "no", r[6] or "",
+                    target, _num(r[10]), _num(r[13])])
+    _table(["id", "trigger", "metric", "op", "general", "recovery", "for checks", "active", "scope", "target",
+            "value", "recovery"], out)
+    with engine.connect() as conn:
+        in_force = silences.listing(conn)
+    engine.dispose()
+    if in_force:
+        print()
+        _print_silences(in_force)
 
 
 def cmd_dead(settings: Settings, args: argparse.Namespace) -> None:
@@ -230,6 +253,164 @@ def cmd_queues(settings: Settings, args: argparse.Namespace) -> None:
           f"{sum(q.moved for q in report.queues)} message(s) moved")
 
 
+# -- silences and held rejects ---------------------------------------------------------------
+
+
+def _operator_name(args: argparse.Namespace) -> str:
+    """Who does it, for created_by / decided_by: --by, else the login name."""
+    return args.by or os.environ.get("SUDO_USER") or os.environ.get("USER") or getpass.getuser() or "cli"
+
+
+def _silence_json(row: dict) -> dict:
+    return {**row, **{k: row[k].isoformat() for k in ("starts_at", "ends_at", "created_at")}}
+
+
+def _print_silences(rows: list[dict]) -> None:
+    print(f"Silences ({len(rows)}):")
+    _table(["id", "trigger", "offer", "affiliate", "from", "until", "in force", "reason", "by"],
+           [[r["id"], r["trigger"] or "any", r["offer_id"] or "any", r["affiliate_id"] or "any",
+             f"{r['starts_at']:%Y-%m-%d %H:%M}", f"{r['ends_at']:%Y-%m-%d %H:%M}", "yes" if r["in_force"] else "no",
+             r["reason"][:60], r["created_by"]] for r in rows])
+
+
+def cmd_silence(settings: Settings, args: argparse.Namespace) -> None:
+    engine = _engine(settings)
+    try:
+        with engine.begin() as conn:
+            if args.action == "add":
+                if (args.duration is None) == (args.until is None):
+                    raise CliError("give exactly one of --for DURATION or --until TIME")
+                now = conn.execute(select(func.now())).scalar_one()
+                ends = (now + silences.parse_duration(args.duration)) if args.duration else silences.parse_time(
+                    args.until)
+                silence_id = silences.add(conn, trigger=args.trigger, offer_id=args.offer, affiliate_id=args.affiliate,
+                                          ends_at=ends, reason=args.reason or "", created_by=_operator_name(args))
+                print(f"silence {silence_id} added, in force until {ends.isoformat()}")
+            elif args.action == "list":
+                rows = silences.listing(conn, include_ended=args.all)
+                if args.json:
+                    print(json.dumps([_silence_json(r) for r in rows], indent=2))
+                elif rows:
+                    _print_silences(rows)
+                else:
+                    print("no silence in force" + ("" if args.all else " (--all lists ended ones too)"))
+            else:
+                if not args.ids:
+                    raise CliError("name the silences to end: kpi silence end ID...")
+                ended = silences.end(conn, args.ids)
+                print(f"ended silence(s) {', '.join(map(str, ended))}" if ended else "nothing to end: already ended")
+    except silences.SilenceError as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        engine.dispose()
+
+
+def cmd_held(settings: Settings, args: argparse.Namespace) -> None:
+    if args.action != "list" and not args.all and not args.ids:
+        raise CliError(f"name the held runs (kpi held {args.action} ID...) or pass --all")
+    if args.action != "list" and args.all and args.ids:
+        raise CliError("give run ids or --all, not both")
+    engine = _engine(settings)
+    try:
+        if args.action == "list":
+            with engine.connect() as conn:
+                rows = held.listing(conn)
+            if args.json:
+                print(json.dumps(rows, indent=2, default=str))
+            elif not rows:
+                print("no held reject")
+            else:
+                print(f"Held rejects ({len(rows)}):")
+                _table(["run", "trigger", "offer", "affiliate", "value", "threshold", "measured at", "held"],
+                       [[r["id"], r["trigger"], r["offer_id"], r["affiliate_id"], _num(r["value"]),
+                         _num(r["threshold"]), f"{r['measured_at']:%Y-%m-%d %H:%M}",
+                         f"{r['finished_at']:%Y-%m-%d %H:%M}" if r["finished_at"] else ""] for r in rows])
+            return
+        ids = None if args.all else args.ids
+        if args.action == "discard":
+            with engine.begin() as conn:
+                done = held.discard(conn, ids, _operator_name(args))
+            print(f"discarded {len(done)} run(s){': ' + ', '.join(map(str, done)) if done else ''}")
+            return
+        with engine.begin() as conn:
+            done, events = held.release(conn, ids, _operator_name(args))
+        print(f"released {len(done)} run(s){': ' + ', '.join(map(str, done)) if done else ''}")
+        if not events:
+            return
+        # After the commit, so the action_runner finds them pending. Should this fail, an
+        # action_runner's ticker announces released runs nobody has run within a minute.
+        try:
+            with _bus(settings) as bus:
+                bus.publish_many(events)
+            print("an action_runner runs them now")
+        except (CliError, PublishError, *CONNECTION_ERRORS) as exc:
+            print(f"kpi: warning: not announced now ({exc}); an action_runner runs them within a minute",
+                  file=sys.stderr)
+    except held.HeldError as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        engine.dispose()
+
+
+# -- backtest and explain -----------------------------------------------------------------------
+
+
+def _time(text: str, flag: str) -> datetime:
+    try:
+        return silences.parse_time(text)
+    except silences.SilenceError:
+        raise CliError(f"invalid {flag} {text!r}: use ISO 8601, e.g. 2026-11-25T00:00:00Z") from None
+
+
+def cmd_backtest(settings: Settings, args: argparse.Namespace) -> None:
+    from shared import backtest
+
+    start = _time(args.start, "--from")
+    engine = _engine(settings)
+    try:
+        with engine.connect() as conn:
+            end = _time(args.end, "--to") if args.end else conn.execute(select(func.now())).scalar_one()
+            if end <= start:
+                raise CliError(f"--to ({end.isoformat()}) must be after --from ({start.isoformat()})")
+            # Read-only: the replay writes nothing, and this transaction could not if it tried.
+            conn.exec_driver_sql("SET TRANSACTION READ ONLY")
+            result = backtest.run(conn, start, end, settings.kpi_max_rejects_per_hour)
+            conn.rollback()
+    finally:
+        engine.dispose()
+    if args.json:
+        print(json.dumps(result.as_json(), indent=2))
+        return
+    summary = result.summary()
+    print(f"Backtest of {result.values} stored value(s) measured from {start.isoformat()} to {end.isoformat()} "
+          f"({result.checks} checks) through the current rules:")
+    by_status = Counter(change["status"] for change in result.state_changes)
+    print(f"  state changes: {summary['state_changes']} "
+          f"({by_status.get('PROBLEM', 0)} to PROBLEM, {by_status.get('OK', 0)} to OK)")
+    ops = Counter((op["kind"], op["outcome"]) for op in result.operations)
+    _table(["operation", "would run", "held", "skipped", "silenced"],
+           [[kind, ops[kind, "would_run"], ops[kind, "held"], ops[kind, "skipped"], ops[kind, "silenced"]]
+            for kind in sorted({k for k, _ in ops})])
+    rejected = summary["rejected_affiliates"]
+    print(f"  affiliates that would be rejected: {len(rejected)}"
+          + (": " + ", ".join(f"offer {o} / affiliate {a}" for o, a in rejected[:20]) if rejected else "")
+          + (" ..." if len(rejected) > 20 else ""))
+
+
+def cmd_explain(settings: Settings, args: argparse.Namespace) -> None:
+    from shared import explain
+
+    engine = _engine(settings)
+    try:
+        with engine.connect() as conn:
+            report = explain.explain(conn, args.trigger, args.offer, args.affiliate)
+    except explain.ExplainError as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        engine.dispose()
+    print(json.dumps(report, indent=2, default=str) if args.json else explain.as_text(report))
+
+
 def _num(value: float | None) -> str:
     return "" if value is None else f"{value:g}"
 
@@ -274,6 +455,37 @@ def parser() -> argparse.ArgumentParser:
                                            "moving their messages; stop the services first")
     queues.add_argument("action", choices=["upgrade"])
     queues.set_defaults(run=cmd_queues)
+    silence = sub.add_parser("silence", help="add, list or end silences")
+    silence.add_argument("action", choices=["add", "list", "end"])
+    silence.add_argument("ids", nargs="*", type=int, help="(end) the silences to end")
+    silence.add_argument("--trigger", help="(add) the trigger's name; any trigger when left out")
+    silence.add_argument("--offer", type=int, help="(add) an offer id; any offer when left out")
+    silence.add_argument("--affiliate", type=int, help="(add) an affiliate id; any affiliate when left out")
+    silence.add_argument("--for", dest="duration", help="(add) how long, e.g. 30m, 2h, 1d")
+    silence.add_argument("--until", help="(add) until when (ISO 8601; UTC unless it says otherwise)")
+    silence.add_argument("--reason", help="(add) why: required")
+    silence.add_argument("--by", help="who adds it (default: the login name)")
+    silence.add_argument("--all", action="store_true", help="(list) ended silences too")
+    silence.add_argument("--json", action="store_true")
+    silence.set_defaults(run=cmd_silence)
+    held_ = sub.add_parser("held", help="list, release or discard rejects held by the hourly cap")
+    held_.add_argument("action", choices=["list", "release", "discard"])
+    held_.add_argument("ids", nargs="*", type=int, help="the held runs (operation_runs ids)")
+    held_.add_argument("--all", action="store_true", help="every held run")
+    held_.add_argument("--by", help="who decides (default: the login name)")
+    held_.add_argument("--json", action="store_true")
+    held_.set_defaults(run=cmd_held)
+    backtest = sub.add_parser("backtest", help="replay stored values through the current rules (no side effect)")
+    backtest.add_argument("--from", dest="start", required=True, help="ISO 8601 (UTC unless it says otherwise)")
+    backtest.add_argument("--to", dest="end", help="ISO 8601; default now")
+    backtest.add_argument("--json", action="store_true")
+    backtest.set_defaults(run=cmd_backtest)
+    explain_ = sub.add_parser("explain", help="a pair's state, thresholds, checks, changes and actions")
+    explain_.add_argument("--trigger", required=True, help="the trigger's name")
+    explain_.add_argument("--offer", type=int, required=True)
+    explain_.add_argument("--affiliate", type=int, required=True)
+    explain_.add_argument("--json", action="store_true")
+    explain_.set_defaults(run=cmd_explain)
     return p
 
 

@@ -243,6 +243,8 @@ class Affiliate(Base):
     company: Mapped[str | None] = mapped_column(Text)
     account_manager_id: Mapped[int | None] = mapped_column(Integer)
     status: Mapped[str | None] = mapped_column(Text)
+    # Local (migration 0008): a reject never runs for a protected affiliate.
+    protected: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
 
 
 class AffiliateUser(Base):
@@ -416,8 +418,10 @@ class ActionFiring(Base):
 class OperationRun(Base):
     __tablename__ = "operation_runs"
     __table_args__ = (
-        UniqueConstraint("trigger_event_id", "action_id", "operation_id"),
+        UniqueConstraint("trigger_event_id", "action_id", "operation_id", "repeat", name="uq_operation_runs_run"),
         CheckConstraint(_in("status", RUN_STATUSES), name="status"),
+        Index("ix_operation_runs_held", "id", postgresql_where=text("status = 'held'")),
+        Index("ix_operation_runs_rejects", "finished_at", postgresql_where=text("kind = 'reject_affiliate'")),
     )
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     trigger_event_id: Mapped[int] = mapped_column(ForeignKey("trigger_events.id", ondelete="CASCADE"))
@@ -431,6 +435,64 @@ class OperationRun(Base):
     created_at: Mapped[datetime] = mapped_column(TZ, server_default=func.now())
     started_at: Mapped[datetime | None] = mapped_column(TZ)
     finished_at: Mapped[datetime | None] = mapped_column(TZ)
+    # Migration 0008: 0 for the first run of the operation for its event, then one per
+    # reminder; the check that caused the run (the reminders' clock).
+    repeat: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    measured_at: Mapped[datetime | None] = mapped_column(TZ)
+    silence_id: Mapped[int | None] = mapped_column(Integer)
+    # The digest that carries the run (pending until it is sent) and the email that did.
+    digest_id: Mapped[int | None] = mapped_column(BigInteger, index=True)
+    message_id: Mapped[str | None] = mapped_column(Text)
+    # A reject allowed under KPI_MAX_REJECTS_PER_HOUR: counted while it runs.
+    cap_granted_at: Mapped[datetime | None] = mapped_column(TZ)
+    # Who released or discarded a held run, and when.
+    decided_by: Mapped[str | None] = mapped_column(Text)
+    decided_at: Mapped[datetime | None] = mapped_column(TZ)
+
+
+class Digest(Base):
+    """One email for the runs of an email operation with digest_minutes, for the same
+    recipients, from the first run's time for digest_minutes (DESIGN.md section 6)."""
+
+    __tablename__ = "digests"
+    __table_args__ = (
+        CheckConstraint("status IN ('open', 'sent', 'failed')", name="status"),
+        Index("ix_digests_open", "closes_at", postgresql_where=text("status = 'open'")),
+    )
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    operation_id: Mapped[int] = mapped_column(ForeignKey("operations.id", ondelete="CASCADE"))
+    recipients: Mapped[str] = mapped_column(Text)  # sorted, comma-separated
+    opened_at: Mapped[datetime] = mapped_column(TZ)
+    closes_at: Mapped[datetime] = mapped_column(TZ)
+    status: Mapped[str] = mapped_column(Text, server_default=text("'open'"))
+    attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    message_id: Mapped[str | None] = mapped_column(Text)
+    sent_at: Mapped[datetime | None] = mapped_column(TZ)
+    detail: Mapped[str | None] = mapped_column(Text)
+
+
+class RejectCapAlert(Base):
+    """The first reject held in an hour: the administrators are told once per hour."""
+
+    __tablename__ = "reject_cap_alerts"
+    hour: Mapped[datetime] = mapped_column(TZ, primary_key=True)
+    held_run_id: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(TZ, server_default=func.now())
+    sent_at: Mapped[datetime | None] = mapped_column(TZ)
+    detail: Mapped[str | None] = mapped_column(Text)
+
+
+class ActionEvaluation(Base):
+    """Whether an action fired for a trigger event, and if not, why (for `kpi explain`)."""
+
+    __tablename__ = "action_evaluations"
+    __table_args__ = (PrimaryKeyConstraint("trigger_event_id", "action_id"),)
+    trigger_event_id: Mapped[int] = mapped_column(ForeignKey("trigger_events.id", ondelete="CASCADE"))
+    action_id: Mapped[int] = mapped_column(ForeignKey("actions.id", ondelete="CASCADE"))
+    fired: Mapped[bool] = mapped_column(Boolean)
+    reason: Mapped[str] = mapped_column(Text)
+    episode: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(TZ, server_default=func.now())
 
 
 

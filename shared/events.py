@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 import orjson
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
-from shared.vocabulary import METRIC_KEYS, REFERENCE, Operator, RunOutcome, Status
+from shared.vocabulary import METRIC_KEYS, REFERENCE, AnnouncedStatus, Operator, Status
 
 SCHEMA_VERSION = 1
 MAX_BATCH = 1000
@@ -120,7 +120,7 @@ class OperationExecuted(_Model):
     action_id: Id
     operation_id: Id
     kind: str
-    outcome: RunOutcome
+    outcome: AnnouncedStatus
     detail: str | None = None
 
 

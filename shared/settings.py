@@ -40,6 +40,11 @@ class Settings(BaseSettings):
     mail_from: str = "kpi@localhost"
 
     actions_dry_run: bool = False
+    # Rejects that may succeed in any 60 minutes, network-wide; beyond, they are held for an
+    # operator (kpi held). 0: no reject runs at all.
+    kpi_max_rejects_per_hour: int = Field(25, ge=0)
+    # How often each action_runner sends closed digests, due reminders and cap alerts.
+    kpi_actions_tick_seconds: float = Field(5.0, gt=0, le=60)
 
     # Consumer behaviour
     kpi_prefetch: int = Field(4, ge=1, le=1000)

@@ -57,17 +57,22 @@ def matching(silences: Iterable[SilenceRule], trigger_id: int, offer_id: int, af
 
 def active_for(conn: Connection, trigger_id: int, offer_id: int, affiliate_id: int, at: datetime
                ) -> SilenceRule | None:
-    rows = conn.execute(select(Silence).where(
+    rows = conn.execute(select(*RULE_COLUMNS).where(
         or_(Silence.trigger_id.is_(None), Silence.trigger_id == trigger_id),
         or_(Silence.offer_id.is_(None), Silence.offer_id == offer_id),
         or_(Silence.affiliate_id.is_(None), Silence.affiliate_id == affiliate_id),
         Silence.starts_at <= at, Silence.ends_at > at,
-    )).scalars().all()
-    return matching((rule_of(row) for row in rows), trigger_id, offer_id, affiliate_id, at)
+    )).all()
+    return matching((SilenceRule(*row) for row in rows), trigger_id, offer_id, affiliate_id, at)
 
 
-def rule_of(row: Silence) -> SilenceRule:
-    return SilenceRule(row.id, row.trigger_id, row.offer_id, row.affiliate_id, row.starts_at, row.ends_at, row.reason)
+RULE_COLUMNS = (Silence.id, Silence.trigger_id, Silence.offer_id, Silence.affiliate_id, Silence.starts_at,
+                Silence.ends_at, Silence.reason)
+
+
+def all_rules(conn: Connection) -> list[SilenceRule]:
+    """Every silence, ended ones included (the backtest judges them at measured_at)."""
+    return [SilenceRule(*row) for row in conn.execute(select(*RULE_COLUMNS).order_by(Silence.id))]
 
 
 def parse_duration(text: str) -> timedelta:
@@ -131,14 +136,10 @@ def end(conn: Connection, silence_ids: Sequence[int]) -> list[int]:
 def listing(conn: Connection, include_ended: bool = False, limit: int = 200) -> list[dict]:
     """Silences, those in force first, with their trigger's name."""
     now = conn.execute(select(func.now())).scalar_one()
-    query = (select(Silence, Trigger.name).outerjoin(Trigger, Trigger.id == Silence.trigger_id)
+    query = (select(Silence.id, Trigger.name.label("trigger"), Silence.offer_id, Silence.affiliate_id,
+                    Silence.starts_at, Silence.ends_at, Silence.reason, Silence.created_by, Silence.created_at)
+             .outerjoin(Trigger, Trigger.id == Silence.trigger_id)
              .order_by((Silence.ends_at > now).desc(), Silence.ends_at.desc(), Silence.id.desc()).limit(limit))
     if not include_ended:
         query = query.where(Silence.ends_at > now)
-    out = []
-    for silence, trigger_name in conn.execute(query):
-        out.append({"id": silence.id, "trigger": trigger_name, "offer_id": silence.offer_id,
-                    "affiliate_id": silence.affiliate_id, "starts_at": silence.starts_at, "ends_at": silence.ends_at,
-                    "reason": silence.reason, "created_by": silence.created_by, "created_at": silence.created_at,
-                    "in_force": silence.starts_at <= now < silence.ends_at})
-    return out
+    return [{**row._asdict(), "in_force": row.starts_at <= now < row.ends_at} for row in conn.execute(query)]

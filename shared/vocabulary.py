@@ -49,8 +49,13 @@ OPERATION_KINDS: tuple[OperationKind, ...] = get_args(OperationKind)
 EMAIL_KINDS: tuple[OperationKind, ...] = ("email_affiliate", "email_affiliate_manager", "email_administrators")
 
 # operation_runs.status: pending until final; the final ones are announced.
+# What doing an operation came to (operations.perform).
 RunOutcome = Literal["succeeded", "failed", "skipped"]
-RunStatus = Literal["pending", "succeeded", "failed", "skipped"]
+# What a run is recorded as, and announced as once it is not pending: besides the
+# outcomes, `silenced` (a silence matched its event), `held` (a reject over the hourly
+# cap, until an operator releases or discards it) and `discarded`.
+AnnouncedStatus = Literal["succeeded", "failed", "skipped", "silenced", "held", "discarded"]
+RunStatus = Literal["pending", "succeeded", "failed", "skipped", "silenced", "held", "discarded"]
 RUN_STATUSES: tuple[RunStatus, ...] = get_args(RunStatus)
 
 # load_runs.status: requested (claimed by the schedule) -> running -> succeeded | failed.

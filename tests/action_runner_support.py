@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, text
 
+from services.action_runner.mailer import Mail
 from shared.events import (
     TRIGGER_EVENT_OK, TRIGGER_EVENT_PROBLEM, Envelope, TriggerEventMessage, new_event, stable_event_id,
 )
@@ -115,3 +116,21 @@ def fake_network(*extra_offers: FakeOffer) -> Network:
     """The HasOffers side of seed_reference: an open offer, a gated one, the affiliate."""
     offers = [FakeOffer(OFFER, "Summer"), FakeOffer(OFFER_APPROVAL, "Gated", require_approval=True), *extra_offers]
     return Network(offers={o.id: o for o in offers}, affiliates={AFFILIATE: FakeAffiliate(AFFILIATE, "Acme")})
+
+
+class FakeMailer:
+    """Records mails; raises the queued failures first; `before_send` runs inside send()."""
+
+    def __init__(self) -> None:
+        self.sent: list[Mail] = []
+        self.failures: list[Exception] = []
+        self.before_send = lambda mail: None
+        self.after_send = lambda mail: None
+
+    def send(self, mail: Mail) -> str:
+        if self.failures:
+            raise self.failures.pop(0)
+        self.before_send(mail)
+        self.sent.append(mail)
+        self.after_send(mail)
+        return ""

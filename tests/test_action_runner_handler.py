@@ -28,6 +28,7 @@ from testkit.fake_hasoffers.network import FakeOffer
 from testkit.fake_hasoffers.server import FakeHasOffers
 from testkit.smtp import FakeSmtpServer
 from tests.action_runner_support import (
+    FakeMailer,
     fake_network,
     AFFILIATE,
     LONELY_AFFILIATE,
@@ -50,24 +51,6 @@ UNKNOWN_OFFER = 15
 
 class SimulatedCrashError(BaseException):
     """Stands for the process dying: not an Exception, so nothing on the way catches it."""
-
-
-class FakeMailer:
-    """Records mails; raises the queued failures first; `before_send` runs inside send()."""
-
-    def __init__(self) -> None:
-        self.sent: list[Mail] = []
-        self.failures: list[Exception] = []
-        self.before_send = lambda mail: None
-        self.after_send = lambda mail: None
-
-    def send(self, mail: Mail) -> str:
-        if self.failures:
-            raise self.failures.pop(0)
-        self.before_send(mail)
-        self.sent.append(mail)
-        self.after_send(mail)
-        return ""
 
 
 @pytest.fixture(scope="module")

@@ -25,15 +25,19 @@ HasOffers calls are harmless to repeat.
 from __future__ import annotations
 
 import logging
+import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Literal
 
-from sqlalchemy import Connection, Engine, func, select, update
+from sqlalchemy import Connection, Engine, and_, func, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import DBAPIError
 
 from services.action_runner.mailer import Mailer
-from services.action_runner.operations import EventFacts, OfferInfo, Outcome, RunSpec, perform
-from shared.db import Offer, Operation, OperationRun, Trigger
+from services.action_runner.decisions import PROTECTED, cap_allows, held_detail
+from services.action_runner.operations import EventFacts, OfferInfo, Outcome, RunSpec, perform, usable_recipients
+from shared.db import Affiliate, Digest, Offer, Operation, OperationRun, RejectCapAlert, Trigger
 from shared.events import (
     OPERATION_EXECUTED, Envelope, OperationExecuted, TriggerEventMessage, new_event, stable_event_id,
 )
@@ -41,6 +45,7 @@ from shared.handling import Delivery, RetryableError
 from shared.hasoffers import HasOffersClient
 from shared.settings import Settings
 from shared.sql import connection
+from shared.vocabulary import EMAIL_KINDS
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +54,10 @@ MAX_ERROR = 1000
 
 @dataclass(frozen=True)
 class RunResult:
-    """How one run went in this delivery."""
+    """How one run went in this delivery. `queued`: handed to its digest, which the
+    ticker sends when its window closes."""
 
-    kind: Literal["final", "retry", "gave_up", "busy"]
+    kind: Literal["final", "retry", "gave_up", "busy", "queued"]
     reason: str = ""
 
 
@@ -65,6 +71,8 @@ def event_facts(conn: Connection, event_id: str, event: TriggerEventMessage) -> 
 
 # First key of the session advisory locks that claim operation runs (the second is the run id).
 RUN_LOCK = 0x6B7069  # "kpi"
+# The transaction-scoped lock that serialises decisions under the reject cap, network-wide.
+CAP_LOCK = 0x6B706A
 
 
 def run_once(engine: Engine, run_id: int, facts: EventFacts, delivery: Delivery, *, mailer: Mailer,
@@ -105,18 +113,22 @@ def _run_claimed(conn: Connection, run_id: int, facts: EventFacts, delivery: Del
     with conn.begin():
         row = conn.execute(
             update(OperationRun)
-            .where(OperationRun.id == run_id, OperationRun.status == "pending")
+            .where(OperationRun.id == run_id, OperationRun.status == "pending", OperationRun.digest_id.is_(None))
             .values(attempts=OperationRun.attempts + (0 if settings.actions_dry_run else 1),
                     started_at=func.coalesce(OperationRun.started_at, func.clock_timestamp()))
             .returning(OperationRun.trigger_event_id, OperationRun.action_id, OperationRun.operation_id,
-                       OperationRun.kind, OperationRun.attempts)
+                       OperationRun.kind, OperationRun.attempts, OperationRun.repeat, OperationRun.decided_at,
+                       OperationRun.cap_granted_at)
         ).first()
         if row is None:
-            return RunResult("final")  # finished elsewhere since we listed the runs
-        subject, body = conn.execute(
-            select(Operation.subject, Operation.body).where(Operation.id == row.operation_id)).one()
+            status = conn.execute(select(OperationRun.status).where(OperationRun.id == run_id)).scalar_one()
+            # finished elsewhere since we listed the runs, or waiting in its digest
+            return RunResult("queued" if status == "pending" else "final")
+        subject, body, digest_minutes = conn.execute(
+            select(Operation.subject, Operation.body, Operation.digest_minutes)
+            .where(Operation.id == row.operation_id)).one()
     run = RunSpec(run_id=run_id, trigger_event_id=row.trigger_event_id, action_id=row.action_id,
-                  operation_id=row.operation_id, kind=row.kind, subject=subject, body=body)
+                  operation_id=row.operation_id, kind=row.kind, subject=subject, body=body, repeat=row.repeat)
     attempt = delivery.at_attempt(row.attempts)
     if settings.actions_dry_run:
         with conn.begin():
@@ -132,6 +144,14 @@ def _run_claimed(conn: Connection, run_id: int, facts: EventFacts, delivery: Del
             _finish(conn, run_id, Outcome("failed", detail), last_error=detail)
         logger.error("event_id=%s run %d (%s) failed: %s", facts.event_id, run_id, run.kind, detail)
         return RunResult("gave_up", f"run {run_id} ({run.kind}) {detail}")
+
+    if run.kind == "reject_affiliate":
+        stopped = _before_a_reject(conn, run_id, facts, row.decided_at is None and row.cap_granted_at is None,
+                                   settings)
+        if stopped is not None:
+            return stopped
+    elif digest_minutes and run.kind in EMAIL_KINDS:
+        return _queue_in_digest(conn, run, facts, digest_minutes)
 
     try:
         with conn.begin():
@@ -160,6 +180,70 @@ def _run_claimed(conn: Connection, run_id: int, facts: EventFacts, delivery: Del
     return RunResult("final")
 
 
+def _before_a_reject(conn: Connection, run_id: int, facts: EventFacts, capped: bool,
+                     settings: Settings) -> RunResult | None:
+    """A reject never runs for a protected affiliate, and beyond KPI_MAX_REJECTS_PER_HOUR
+    rejects in the last 60 minutes it is held (a released run is not capped again).
+
+    The cap is decided under one transaction-scoped lock for the whole network, counting
+    the rejects that succeeded in the last hour and those allowed and still running, so
+    any number of replicas allow exactly the cap. The first hold of each clock hour is
+    recorded in reject_cap_alerts, for the ticker to tell the administrators once."""
+    with conn.begin():
+        protected = conn.execute(select(Affiliate.protected)
+                                 .where(Affiliate.id == facts.event.affiliate_id)).scalar()
+        if protected:
+            _finish(conn, run_id, Outcome("skipped", PROTECTED))
+            logger.info("event_id=%s run %d (reject_affiliate) skipped: %s", facts.event_id, run_id, PROTECTED)
+            return RunResult("final")
+        if not capped:
+            return None
+        conn.execute(select(func.pg_advisory_xact_lock(CAP_LOCK)))
+        hour_ago = func.now() - timedelta(hours=1)
+        r = OperationRun
+        recent = conn.execute(select(func.count()).select_from(r).where(
+            r.kind == "reject_affiliate", r.id != run_id,
+            or_(and_(r.status == "succeeded", r.finished_at > hour_ago),
+                and_(r.status == "pending", r.cap_granted_at > hour_ago)))).scalar_one()
+        limit = settings.kpi_max_rejects_per_hour
+        if cap_allows(recent, limit):
+            conn.execute(update(r).where(r.id == run_id).values(cap_granted_at=func.now()))
+            return None
+        detail = held_detail(recent, limit)
+        conn.execute(update(r).where(r.id == run_id).values(status="held", detail=detail,
+                                                            finished_at=func.clock_timestamp()))
+        conn.execute(pg_insert(RejectCapAlert).values(hour=func.date_trunc("hour", func.now()), held_run_id=run_id)
+                     .on_conflict_do_nothing())
+    logger.warning("event_id=%s run %d (reject_affiliate) %s", facts.event_id, run_id, detail)
+    return RunResult("final")
+
+
+def _queue_in_digest(conn: Connection, run: RunSpec, facts: EventFacts, digest_minutes: int) -> RunResult:
+    """Hand an email run to the open digest of its operation and recipients, opening one
+    (for digest_minutes from now) if there is none; the ticker sends it when it closes."""
+    with conn.begin():
+        usable, note = usable_recipients(conn, run.kind, facts.event.affiliate_id)
+        if not usable:
+            _finish(conn, run.run_id, Outcome("skipped", note))
+            return RunResult("final")
+        recipients = ",".join(sorted(set(usable)))
+        conn.execute(select(func.pg_advisory_xact_lock(
+            func.hashtextextended(f"digest:{run.operation_id}:{recipients}", 0))))
+        digest_id = conn.execute(
+            select(Digest.id).where(Digest.operation_id == run.operation_id, Digest.recipients == recipients,
+                                    Digest.status == "open", Digest.closes_at > func.now())
+            .order_by(Digest.id.desc()).limit(1)).scalar()
+        if digest_id is None:
+            digest_id = conn.execute(
+                pg_insert(Digest).values(operation_id=run.operation_id, recipients=recipients, opened_at=func.now(),
+                                         closes_at=func.now() + timedelta(minutes=digest_minutes))
+                .returning(Digest.id)).scalar_one()
+        conn.execute(update(OperationRun).where(OperationRun.id == run.run_id)
+                     .values(digest_id=digest_id, detail=f"in digest #{digest_id} to {recipients}{note}"))
+    logger.info("event_id=%s run %d (%s) queued in digest %d", facts.event_id, run.run_id, run.kind, digest_id)
+    return RunResult("queued")
+
+
 def _finish(conn: Connection, run_id: int, outcome: Outcome, *, last_error: str | None = None) -> None:
     values = {"status": outcome.status, "detail": outcome.detail[:MAX_ERROR],
               "started_at": func.coalesce(OperationRun.started_at, func.clock_timestamp()),
@@ -174,7 +258,7 @@ def notices(engine: Engine, envelope: Envelope, event: TriggerEventMessage) -> l
     with connection(engine) as conn:
         rows = conn.execute(
             select(OperationRun.id, OperationRun.action_id, OperationRun.operation_id, OperationRun.kind,
-                   OperationRun.status, OperationRun.detail)
+                   OperationRun.status, OperationRun.detail, OperationRun.repeat)
             .where(OperationRun.trigger_event_id == event.trigger_event_id, OperationRun.status != "pending")
             .order_by(OperationRun.id)
         ).all()
@@ -185,10 +269,18 @@ def notices(engine: Engine, envelope: Envelope, event: TriggerEventMessage) -> l
                               operation_id=r.operation_id, kind=r.kind, outcome=r.status, detail=r.detail),
             correlation_id=envelope.correlation_id,
             causation_id=str(envelope.event_id),
-            event_id=stable_event_id(OPERATION_EXECUTED, event.trigger_event_id, r.action_id, r.operation_id),
+            event_id=notice_id(event.trigger_event_id, r.action_id, r.operation_id, r.repeat, r.status),
         )
         for r in rows
     ]
+
+
+def notice_id(trigger_event_id: int, action_id: int, operation_id: int, repeat: int, status: str) -> uuid.UUID:
+    """The same run announced again gets the same id; a held run announced later with its
+    final outcome (after a release) is another notice."""
+    if repeat == 0 and status in ("succeeded", "failed", "skipped"):
+        return stable_event_id(OPERATION_EXECUTED, trigger_event_id, action_id, operation_id)
+    return stable_event_id(OPERATION_EXECUTED, trigger_event_id, action_id, operation_id, repeat, status)
 
 
 def _domain(address: str) -> str:

@@ -1,26 +1,37 @@
-"""Which actions a trigger event fires (DESIGN.md section 4, "Action", and section 8).
+"""Which actions a trigger event fires (DESIGN.md sections 4, 6 and 8), and their runs.
 
-An action fires for an event (trigger T, status S, pair P) when it is active, has a
-condition (T, S), and all its conditions hold for P: the condition on T by the event
-itself, every other one by the current trigger_states. It fires once per episode (section
-8): the first event that completes the conjunction claims it in action_firings.
+The decision is decisions.evaluate's, applied to what is read here: the actions with a
+condition (T, S) of the event, the pair's states under their other conditions' triggers.
+It is taken once per event, in one transaction serialised per event by an advisory lock,
+and recorded: one action_evaluations row per action evaluated (fired or why not, for
+`kpi explain`), one action_firings row per episode (the first event that completes the
+conjunction claims it), and one operation_runs row per (event, action, operation) of a
+fired action: `pending`, or `silenced` when a silence matches the event (no side effect).
+A redelivery finds the evaluations and keeps that decision instead of re-reading
+trigger_states, which may have moved on. Running the runs is execution.py's job.
 
-The decision is taken once per event, in one transaction serialised per event by an
-advisory lock, and recorded as one `pending` operation_runs row per (event, action,
-operation), ON CONFLICT DO NOTHING. A redelivery finds the runs and keeps that decision
-instead of re-reading trigger_states, which may have moved on. Running them is
-execution.py's job.
+Reminders (actions.repeat_minutes) are runs of the same event and action with repeat
+1, 2 ...: `due_reminders` finds them (the action_runner's ticker records and runs them).
 """
 
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
+from collections.abc import Collection, Iterable
+from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, Select, and_, exists, func, literal, or_, select
+from sqlalchemy import Connection, and_, func, select, tuple_
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.orm import aliased
 
-from shared.db import Action, ActionCondition, ActionFiring, ActionOperation, Operation, OperationRun, TriggerState
+from services.action_runner.decisions import (
+    ActionRule, Condition, Evaluation, OperationRule, StateOf, episode_holds, evaluate, reminder_due,
+)
+from shared import silences
+from shared.db import (
+    Action, ActionCondition, ActionEvaluation, ActionFiring, ActionOperation, Operation, OperationRun, Trigger,
+    TriggerCheck, TriggerEvent, TriggerState,
+)
 from shared.events import TriggerEventMessage
 
 logger = logging.getLogger(__name__)
@@ -33,77 +44,107 @@ def ensure_runs(conn: Connection, event: TriggerEventMessage) -> list[tuple[int,
     # trigger_states changed in between, their union would run more than either decided.
     conn.execute(select(func.pg_advisory_xact_lock(
         func.hashtextextended(f"action_runner.trigger_event:{event.trigger_event_id}", 0))))
-    runs = _runs_of(conn, event.trigger_event_id)
-    if runs:
-        return runs
-    fired = [a for a in conn.execute(firing_actions(event)).scalars() if claim_episode(conn, event, a)]
-    if not fired:
+    decided = conn.execute(select(func.count()).select_from(ActionEvaluation)
+                           .where(ActionEvaluation.trigger_event_id == event.trigger_event_id)).scalar_one()
+    if decided:
+        return runs_of(conn, event.trigger_event_id)
+    actions = load_actions(conn, trigger_id=event.trigger_id, status=event.status)
+    if not actions:
+        return runs_of(conn, event.trigger_event_id)
+    states = pair_states(conn, event.offer_id, event.affiliate_id,
+                         {c.trigger_id for a in actions for c in a.conditions})
+    names = trigger_names(conn, {c.trigger_id for a in actions for c in a.conditions})
+    fired: list[ActionRule] = []
+    for action in actions:
+        evaluation = evaluate(action, event.trigger_id, event.status, event.measured_at, states, names)
+        if evaluation.fired:
+            owner = claim_episode(conn, event, action.id, evaluation.episode)  # type: ignore[arg-type]
+            if owner != event.trigger_event_id:
+                evaluation = Evaluation(False, f"already fired for this episode, by trigger event {owner}",
+                                        evaluation.episode)
+            else:
+                fired.append(action)
+        conn.execute(pg_insert(ActionEvaluation).values(
+            trigger_event_id=event.trigger_event_id, action_id=action.id, fired=evaluation.fired,
+            reason=evaluation.reason, episode=evaluation.episode).on_conflict_do_nothing())
+    created_at = conn.execute(select(TriggerEvent.created_at)
+                              .where(TriggerEvent.id == event.trigger_event_id)).scalar_one()
+    add_runs(conn, event, [(action, op) for action in fired for op in action.operations], repeat=0,
+             measured_at=event.measured_at, at=created_at)
+    return runs_of(conn, event.trigger_event_id)
+
+
+def add_runs(conn: Connection, event: TriggerEventMessage, runs: Iterable[tuple[ActionRule, OperationRule]], *,
+             repeat: int, measured_at: datetime, at: datetime) -> int:
+    """Record runs (ON CONFLICT DO NOTHING): pending, or silenced if a silence matches
+    the event at `at`. How many were new."""
+    rows = list(runs)
+    if not rows:
+        return 0
+    silence = silences.active_for(conn, event.trigger_id, event.offer_id, event.affiliate_id, at)
+    values = [{"trigger_event_id": event.trigger_event_id, "action_id": action.id, "operation_id": op.id,
+               "kind": op.kind, "repeat": repeat, "measured_at": measured_at,
+               "status": "silenced" if silence else "pending",
+               "detail": f"silenced by {silence.describe()}" if silence else None,
+               "silence_id": silence.id if silence else None}
+              for action, op in sorted(rows, key=lambda r: (r[0].id, r[1].id))]
+    stmt = pg_insert(OperationRun).values(values)
+    if silence:
+        stmt = pg_insert(OperationRun).values([{**v, "finished_at": func.clock_timestamp()} for v in values])
+    return conn.execute(stmt.on_conflict_do_nothing(constraint="uq_operation_runs_run")).rowcount
+
+
+def load_actions(conn: Connection, *, trigger_id: int | None = None, status: str | None = None,
+                 action_ids: Collection[int] | None = None) -> list[ActionRule]:
+    """Actions with their conditions and operations: those with a condition (trigger_id,
+    status), or those of `action_ids`, or all."""
+    query = select(Action.id, Action.name, Action.active, Action.repeat_minutes)
+    if trigger_id is not None:
+        query = query.where(Action.id.in_(
+            select(ActionCondition.action_id).where(ActionCondition.trigger_id == trigger_id,
+                                                    ActionCondition.trigger_status == status)))
+    if action_ids is not None:
+        query = query.where(Action.id.in_(list(action_ids)))
+    heads = conn.execute(query.order_by(Action.id)).all()
+    if not heads:
         return []
-    conn.execute(
-        pg_insert(OperationRun)
-        .from_select(
-            ["trigger_event_id", "action_id", "operation_id", "kind", "status"],
-            select(literal(event.trigger_event_id), ActionOperation.action_id, ActionOperation.operation_id,
-                   Operation.kind, literal("pending"))
+    ids = [h.id for h in heads]
+    conditions: dict[int, list[Condition]] = defaultdict(list)
+    for action_id, t, s in conn.execute(select(ActionCondition.action_id, ActionCondition.trigger_id,
+                                               ActionCondition.trigger_status)
+                                        .where(ActionCondition.action_id.in_(ids))
+                                        .order_by(ActionCondition.trigger_id, ActionCondition.trigger_status)):
+        conditions[action_id].append(Condition(t, s))
+    operations: dict[int, list[OperationRule]] = defaultdict(list)
+    for action_id, op_id, name, kind, digest in conn.execute(
+            select(ActionOperation.action_id, Operation.id, Operation.name, Operation.kind, Operation.digest_minutes)
             .join(Operation, Operation.id == ActionOperation.operation_id)
-            .where(ActionOperation.action_id.in_(fired))
-            .order_by(ActionOperation.action_id, ActionOperation.operation_id),
-        )
-        .on_conflict_do_nothing(index_elements=["trigger_event_id", "action_id", "operation_id"])
-    )
-    return _runs_of(conn, event.trigger_event_id)
+            .where(ActionOperation.action_id.in_(ids)).order_by(Operation.id)):
+        operations[action_id].append(OperationRule(op_id, name, kind, digest))
+    return [ActionRule(h.id, h.name, h.active, tuple(conditions[h.id]), tuple(operations[h.id]), h.repeat_minutes)
+            for h in heads]
 
 
-def firing_actions(event: TriggerEventMessage) -> Select[tuple[int]]:
-    """Active actions with a condition (T, S) all of whose conditions hold for the pair.
-
-    A condition on the event's own trigger is judged by the event (it holds only for
-    status S); any other is read from trigger_states, and holds only if a state row for
-    the pair has that status.
-    """
-    t, s = event.trigger_id, event.status
-    own = exists().where(ActionCondition.action_id == Action.id, ActionCondition.trigger_id == t,
-                         ActionCondition.trigger_status == s)
-    other = aliased(ActionCondition)
-    state_holds = exists().where(
-        TriggerState.trigger_id == other.trigger_id, TriggerState.offer_id == event.offer_id,
-        TriggerState.affiliate_id == event.affiliate_id, TriggerState.status == other.trigger_status,
-    )
-    unmet = exists().where(
-        other.action_id == Action.id,
-        or_(and_(other.trigger_id == t, other.trigger_status != s),
-            and_(other.trigger_id != t, ~state_holds)),
-    )
-    return select(Action.id).where(Action.active, own, ~unmet)
+def pair_states(conn: Connection, offer_id: int, affiliate_id: int, trigger_ids: Collection[int]
+                ) -> dict[int, StateOf]:
+    if not trigger_ids:
+        return {}
+    rows = conn.execute(select(TriggerState.trigger_id, TriggerState.status, TriggerState.since).where(
+        TriggerState.offer_id == offer_id, TriggerState.affiliate_id == affiliate_id,
+        TriggerState.trigger_id.in_(list(trigger_ids))))
+    return {t: StateOf(status, since) for t, status, since in rows}
 
 
-def episode_of(conn: Connection, event: TriggerEventMessage, action_id: int) -> str:
-    """Names the episode in which all the action's conditions hold: for each condition,
-    its trigger and when its status began (the event's own measured_at for the event's
-    trigger, the state's `since` for the others). Two events that complete the same
-    conjunction name the same episode."""
-    rows = conn.execute(
-        select(ActionCondition.trigger_id, TriggerState.since)
-        .outerjoin(TriggerState, and_(TriggerState.trigger_id == ActionCondition.trigger_id,
-                                      TriggerState.offer_id == event.offer_id,
-                                      TriggerState.affiliate_id == event.affiliate_id))
-        .where(ActionCondition.action_id == action_id)
-        .distinct().order_by(ActionCondition.trigger_id)
-    ).all()
-    parts = []
-    for trigger_id, since in rows:
-        began = event.measured_at if trigger_id == event.trigger_id else since
-        parts.append(f"{trigger_id}@{began.isoformat()}")
-    return ";".join(parts)
+def trigger_names(conn: Connection, trigger_ids: Collection[int]) -> dict[int, str]:
+    if not trigger_ids:
+        return {}
+    return dict(conn.execute(select(Trigger.id, Trigger.name).where(Trigger.id.in_(list(trigger_ids)))).all())
 
 
-def claim_episode(conn: Connection, event: TriggerEventMessage, action_id: int) -> bool:
-    """True when this event is the one that fires the action for its episode.
-
-    A second event completing the same conjunction (the other condition's change) finds
-    the episode claimed and fires nothing: one reject, not two.
-    """
-    episode = episode_of(conn, event, action_id)
+def claim_episode(conn: Connection, event: TriggerEventMessage, action_id: int, episode: str) -> int:
+    """The trigger event that fires the action for its episode: this one if it is the
+    first to claim it. A second event completing the same conjunction (the other
+    condition's change) finds it claimed and fires nothing: one reject, not two."""
     conn.execute(
         pg_insert(ActionFiring)
         .values(action_id=action_id, offer_id=event.offer_id, affiliate_id=event.affiliate_id,
@@ -118,11 +159,61 @@ def claim_episode(conn: Connection, event: TriggerEventMessage, action_id: int) 
     if owner != event.trigger_event_id:
         logger.info("trigger_event %d: action %d already fired for this episode by trigger_event %d",
                     event.trigger_event_id, action_id, owner)
-    return owner == event.trigger_event_id
+    return owner
 
 
-def _runs_of(conn: Connection, trigger_event_id: int) -> list[tuple[int, str]]:
+def runs_of(conn: Connection, trigger_event_id: int) -> list[tuple[int, str]]:
     return [tuple(r) for r in conn.execute(  # type: ignore[misc]
         select(OperationRun.id, OperationRun.status)
         .where(OperationRun.trigger_event_id == trigger_event_id).order_by(OperationRun.id)
     )]
+
+
+# -- reminders -----------------------------------------------------------------------------
+
+
+def due_reminders(conn: Connection) -> list[tuple[int, int, int, datetime]]:
+    """(trigger event, action, repeat, measured_at) of every reminder due now: for each
+    episode of an action with repeat_minutes that still lasts, the first check of the
+    event's pair under the event's trigger at least repeat_minutes after its last run."""
+    e, s, f = TriggerEvent, TriggerState, ActionFiring
+    # Episodes still open under the event's own trigger: the pair is still in the status
+    # the event entered, since then. (Other conditions are checked below.)
+    open_firings = conn.execute(
+        select(f.trigger_event_id, f.action_id, f.episode, e.trigger_id, e.offer_id, e.affiliate_id,
+               Action.repeat_minutes)
+        .join(e, e.id == f.trigger_event_id)
+        .join(s, and_(s.trigger_id == e.trigger_id, s.offer_id == e.offer_id, s.affiliate_id == e.affiliate_id,
+                      s.status == e.status, s.since == e.measured_at))
+        .join(Action, and_(Action.id == f.action_id, Action.active, Action.repeat_minutes.is_not(None)))
+    ).all()
+    if not open_firings:
+        return []
+    keys = [(r.trigger_event_id, r.action_id) for r in open_firings]
+    last = {(te, a): (repeat, at) for te, a, repeat, at in conn.execute(
+        select(OperationRun.trigger_event_id, OperationRun.action_id, func.max(OperationRun.repeat),
+               func.max(OperationRun.measured_at))
+        .where(tuple_(OperationRun.trigger_event_id, OperationRun.action_id).in_(keys))
+        .group_by(OperationRun.trigger_event_id, OperationRun.action_id))}
+    actions = {a.id: a for a in load_actions(conn, action_ids={r.action_id for r in open_firings})}
+    due = []
+    for r in open_firings:
+        action = actions.get(r.action_id)
+        if action is None or not action.email_operations or (r.trigger_event_id, r.action_id) not in last:
+            continue
+        repeat, last_at = last[r.trigger_event_id, r.action_id]
+        if last_at is None:
+            continue
+        states = pair_states(conn, r.offer_id, r.affiliate_id, {c.trigger_id for c in action.conditions})
+        if not episode_holds(r.episode, states, action.conditions):
+            continue
+        mark = last_at + timedelta(minutes=r.repeat_minutes)
+        c = TriggerCheck
+        check_at = conn.execute(
+            select(func.min(c.measured_at)).where(
+                c.trigger_id == r.trigger_id, c.offer_id == r.offer_id, c.affiliate_id == r.affiliate_id,
+                c.measured_at >= mark)
+        ).scalar()
+        if check_at is not None and reminder_due(last_at, check_at, r.repeat_minutes):
+            due.append((r.trigger_event_id, r.action_id, repeat + 1, check_at))
+    return due

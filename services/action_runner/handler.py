@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import logging
 
-from sqlalchemy import Connection, Engine, func, select
+from sqlalchemy import Connection, Engine
 
 from services.action_runner import execution, firing
 from services.action_runner.mailer import Mailer
-from shared.db import Trigger, TriggerCheck, TriggerEvent
 from shared.events import TRIGGER_EVENT_TYPES, Envelope, InvalidMessageError, TriggerEventMessage, encode, parse_data
 from shared.handling import DeadLetter, Delivery, HandlerResult, RetryableError
 from shared.hasoffers import HasOffersClient
+from shared.recorded import trigger_event_message
 from shared.settings import Settings
 from shared.sql import transaction
 
@@ -82,15 +82,7 @@ def recorded_event(conn: Connection, message: TriggerEventMessage) -> TriggerEve
     trigger_events, so without the row no run can be recorded; a row that names another
     pair or status than the message means the message is not ours.
     """
-    e, c = TriggerEvent, TriggerCheck
-    row = conn.execute(
-        select(e.trigger_id, e.offer_id, e.affiliate_id, e.status, e.previous_status, Trigger.name,
-               func.coalesce(e.value, c.value).label("value"),
-               func.coalesce(e.threshold, c.threshold).label("threshold"), e.measured_at, e.check_id)
-        .join(Trigger, Trigger.id == e.trigger_id)
-        .outerjoin(c, c.id == e.check_id)
-        .where(e.id == message.trigger_event_id)
-    ).first()
+    row = trigger_event_message(conn, message.trigger_event_id)
     if row is None:
         raise InvalidMessageError(f"trigger_event {message.trigger_event_id} does not exist in trigger_events")
     expected = (message.trigger_id, message.offer_id, message.affiliate_id, message.status)
@@ -100,11 +92,4 @@ def recorded_event(conn: Connection, message: TriggerEventMessage) -> TriggerEve
             f"affiliate {row.affiliate_id}, {row.status}) in trigger_events, but the message says (trigger "
             f"{expected[0]}, offer {expected[1]}, affiliate {expected[2]}, {expected[3]})"
         )
-    # Built without validation: these are our own rows (value may be NULL in rows older
-    # than migration 0002 whose check is gone).
-    return TriggerEventMessage.model_construct(
-        trigger_event_id=message.trigger_event_id, trigger_id=row.trigger_id, trigger_name=row.name,
-        offer_id=row.offer_id, affiliate_id=row.affiliate_id, previous_status=row.previous_status,
-        status=row.status, value=row.value, threshold=row.threshold, measured_at=row.measured_at,
-        check_id=row.check_id,
-    )
+    return row

@@ -43,7 +43,9 @@ class Mail:
     # Stable per operation run: a copy sent again after a crash carries the same id,
     # which lets mail clients and archives recognise it as the same message.
     message_id: str
-    run_id: int
+    run_id: int | None
+    # A digest carries several runs: X-KPI-Digest-Runs lists them instead.
+    digest_runs: tuple[int, ...] = ()
 
 
 class Mailer(Protocol):
@@ -81,7 +83,10 @@ def build_message(mail: Mail, sender: str) -> EmailMessage:
     message["Subject"] = mail.subject
     message["Date"] = formatdate(usegmt=True)
     message["Message-ID"] = mail.message_id
-    message["X-KPI-Operation-Run"] = str(mail.run_id)
+    if mail.run_id is not None:
+        message["X-KPI-Operation-Run"] = str(mail.run_id)
+    if mail.digest_runs:
+        message["X-KPI-Digest-Runs"] = ",".join(map(str, mail.digest_runs))
     message.set_content(mail.text)
     message.add_alternative(mail.html, subtype="html")
     return message

@@ -63,6 +63,13 @@ class RunSpec:
     kind: str
     subject: str | None
     body: str | None
+    repeat: int = 0  # a reminder's number
+
+    def message_id(self, mail_domain: str) -> str:
+        """Stable per run: a copy sent again after a crash carries the same Message-ID; a
+        reminder is a message of its own."""
+        parts = (self.trigger_event_id, self.action_id, self.operation_id) + ((self.repeat,) if self.repeat else ())
+        return f"<kpi-{stable_event_id('mail', *parts).hex}@{mail_domain}>"
 
 
 def perform(conn: Connection, run: RunSpec, facts: EventFacts, *, mailer: Mailer,
@@ -84,12 +91,20 @@ def perform(conn: Connection, run: RunSpec, facts: EventFacts, *, mailer: Mailer
 # -- mail ---------------------------------------------------------------------------------
 
 
-def send_mail(conn: Connection, run: RunSpec, facts: EventFacts, mailer: Mailer, mail_domain: str) -> Outcome:
-    addresses, why_none = recipients(conn, run.kind, facts.event.affiliate_id)
+def usable_recipients(conn: Connection, kind: str, affiliate_id: int) -> tuple[list[str], str]:
+    """The addresses to write to, and a note (why there are none, or which were left out)."""
+    addresses, why_none = recipients(conn, kind, affiliate_id)
     usable, unusable = clean_recipients(addresses)
     ignored = f"; ignored unusable address(es): {', '.join(repr(a) for a in unusable)}" if unusable else ""
     if not usable:
-        return Outcome("skipped", (why_none or "no usable recipient address") + ignored)
+        return [], (why_none or "no usable recipient address") + ignored
+    return usable, ignored
+
+
+def send_mail(conn: Connection, run: RunSpec, facts: EventFacts, mailer: Mailer, mail_domain: str) -> Outcome:
+    usable, ignored = usable_recipients(conn, run.kind, facts.event.affiliate_id)
+    if not usable:
+        return Outcome("skipped", ignored)
     values = facts.macro_values()
     html_body = render_html(run.body, run.kind, values)
     mail = Mail(
@@ -97,8 +112,7 @@ def send_mail(conn: Connection, run: RunSpec, facts: EventFacts, mailer: Mailer,
         subject=render_subject(run.subject, values),
         html=html_body,
         text=html_to_text(html_body),
-        message_id=f"<kpi-{stable_event_id('mail', run.trigger_event_id, run.action_id, run.operation_id).hex}"
-                   f"@{mail_domain}>",
+        message_id=run.message_id(mail_domain),
         run_id=run.run_id,
     )
     try:

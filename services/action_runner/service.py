@@ -7,7 +7,9 @@ import logging
 
 from services.action_runner.handler import handle_trigger_event
 from services.action_runner.mailer import SmtpMailer
+from services.action_runner.ticker import Ticker
 from shared.handling import Handler
+from shared.rabbitmq import Consumer
 from shared.hasoffers import HasOffersClient
 from shared.service import Context, run_service
 
@@ -37,8 +39,12 @@ def main() -> int:
         return functools.partial(handle_trigger_event, engine=context.engine, mailer=mailer, hasoffers=hasoffers,
                                  settings=settings)
 
+    def start_ticker(context: Context, consumer: Consumer) -> None:
+        settings = context.settings
+        Ticker(context.engine, SmtpMailer.from_settings(settings), context.publisher, settings).start()
+
     try:
-        return run_service(SERVICE, CONSUMES, make_handler)
+        return run_service(SERVICE, CONSUMES, make_handler, background=start_ticker)
     finally:
         for client in clients:
             client.close()

@@ -224,7 +224,9 @@ class World:
                "HASOFFERS_NETWORK_ID": "fault", "HASOFFERS_NETWORK_TOKEN": TOKEN, "HASOFFERS_MAX_ATTEMPTS": "2",
                "HASOFFERS_TIMEOUT_SECONDS": "20", "SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(self.sink.port),
                "SMTP_TIMEOUT_SECONDS": "5", "MAIL_FROM": "kpi@fault.example", "KPI_MIN_CLICKS": "0",
-               "KPI_MIN_CONVERSIONS": "0", "KPI_SCHEDULE_METRICS_SECONDS": "0", "KPI_SCHEDULE_REFERENCE_SECONDS": "0"}
+               "KPI_MIN_CONVERSIONS": "0", "KPI_SCHEDULE_METRICS_SECONDS": "0", "KPI_SCHEDULE_REFERENCE_SECONDS": "0",
+               # The model runs every reject: the hourly cap (tested on its own) would hold most.
+               "KPI_MAX_REJECTS_PER_HOUR": "1000000"}
         for service in SERVICES:
             for index in (1, 2):
                 replica = Replica(service, index, env, self.log_dir)
