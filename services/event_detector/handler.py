@@ -57,7 +57,7 @@ triggers = Trigger.__table__
 def handle_trigger_checked(envelope: Envelope, delivery: Delivery | None = None, *, engine: Engine) -> HandlerResult:
     batch = split_batch(envelope, "checks", CheckItem, MAX_CHECKS)
     with transaction(engine) as conn:
-        delivered, for_checks = load_readings(conn, sorted({item.check_id for item in batch.valid.values()}))
+        delivered, for_checks = load_delivered(conn, sorted({item.check_id for item in batch.valid.values()}))
         known = {r.check_id for readings in delivered.values() for r in readings}
         for index, item in list(batch.valid.items()):
             if item.check_id not in known:
@@ -68,8 +68,8 @@ def handle_trigger_checked(envelope: Envelope, delivery: Delivery | None = None,
 
         pairs = sorted(delivered)
         lock_pairs(conn, pairs)
-        stored, previous_statuses = load_states(conn, pairs)
-        newer = load_newer(conn, {p: (stored[p].measured_at, max(r.measured_at for r in delivered[p])) for p in pairs})
+        stored, previous_statuses, newer = load_states(conn, {p: max(r.measured_at for r in delivered[p])
+                                                              for p in pairs})
         states: dict[Pair, PairState] = {}
         changes: list[tuple[Pair, Change]] = []
         for pair in pairs:
@@ -111,21 +111,22 @@ READING_COLUMNS = (trigger_checks.c.id, trigger_checks.c.measured_at, trigger_ch
                    trigger_checks.c.status)
 
 
-def load_readings(conn: Connection, check_ids: list[int]) -> tuple[dict[Pair, list[Reading]], dict[int, int]]:
+def load_delivered(conn: Connection, check_ids: list[int]) -> tuple[dict[Pair, list[Reading]], dict[int, int]]:
     """The delivered checks by pair (unknown ids, or checks of deleted triggers, left
-    out), and for_checks of their triggers."""
+    out), and for_checks of their triggers. Only their ids and times: what they say is
+    read with the pair's window (load_states), or its history when one is late."""
     if not check_ids:
         return {}, {}
     c = trigger_checks.c
     rows = conn.execute(
-        select(c.trigger_id, c.offer_id, c.affiliate_id, *READING_COLUMNS, triggers.c.for_checks)
+        select(c.trigger_id, c.offer_id, c.affiliate_id, c.id, c.measured_at, triggers.c.for_checks)
         .join(triggers, triggers.c.id == c.trigger_id)
         .where(c.id == any_(array_of_ids(check_ids)))
     ).all()
     by_pair: dict[Pair, list[Reading]] = defaultdict(list)
     for_checks: dict[int, int] = {}
-    for t, o, a, *reading, for_checks_of_trigger in rows:
-        by_pair[t, o, a].append(as_reading(*reading))
+    for t, o, a, check_id, measured_at, for_checks_of_trigger in rows:
+        by_pair[t, o, a].append(Reading(check_id, measured_at, 0.0, 0.0, "OK", False))
         for_checks[t] = for_checks_of_trigger
     return by_pair, for_checks
 
@@ -140,45 +141,39 @@ def lock_pairs(conn: Connection, pairs: list[Pair]) -> None:
     conn.execute(select(func.count(func.pg_advisory_xact_lock(key))).select_from(ordered))
 
 
-def load_states(conn: Connection, pairs: list[Pair]) -> tuple[dict[Pair, PairState], dict[Pair, str | None]]:
-    s = trigger_states.c
-    v = unnest(PAIR_COLUMNS, pairs)
+def load_states(conn: Connection, until: dict[Pair, datetime]
+                ) -> tuple[dict[Pair, PairState], dict[Pair, str | None], dict[Pair, list[Reading]]]:
+    """In one statement: each pair's state, and every recorded check newer than it up to
+    the newest delivered one (`until`), oldest first: the delivered ones and any recorded
+    but still on its way."""
+    s, c = trigger_states.c, trigger_checks.c
+    v = unnest({**PAIR_COLUMNS, "until": TZ}, [(*pair, last) for pair, last in until.items()])
+    state = trigger_states.alias("s")
+    s = state.c
     rows = conn.execute(
-        select(s.trigger_id, s.offer_id, s.affiliate_id, s.status, s.streak, s.since, s.check_id, s.measured_at,
-               s.value, s.threshold, s.previous_status)
-        .select_from(v.join(trigger_states, and_(s.trigger_id == v.c.trigger_id, s.offer_id == v.c.offer_id,
-                                                 s.affiliate_id == v.c.affiliate_id)))
+        select(v.c.trigger_id, v.c.offer_id, v.c.affiliate_id, s.status, s.streak, s.since, s.check_id,
+               s.measured_at, s.value, s.threshold, s.previous_status, *READING_COLUMNS)
+        .select_from(
+            v.outerjoin(state, and_(s.trigger_id == v.c.trigger_id, s.offer_id == v.c.offer_id,
+                                    s.affiliate_id == v.c.affiliate_id))
+            .outerjoin(trigger_checks, and_(
+                c.trigger_id == v.c.trigger_id, c.offer_id == v.c.offer_id, c.affiliate_id == v.c.affiliate_id,
+                c.measured_at > func.coalesce(s.measured_at, BEGINNING), c.measured_at <= v.c.until)))
+        .order_by(v.c.trigger_id, v.c.offer_id, v.c.affiliate_id, c.measured_at)
     ).all()
-    states = dict.fromkeys(pairs, NO_STATE)
+    states = dict.fromkeys(until, NO_STATE)
     previous: dict[Pair, str | None] = {}
-    for t, o, a, status, streak, since, check_id, measured_at, value, threshold, previous_status in rows:
-        # The machine needs only the id and time of the newest check folded in.
-        last = Reading(check_id, measured_at, value, threshold, status or "OK", False)
-        states[t, o, a] = PairState(status, streak, since, last)
-        previous[t, o, a] = previous_status
-    return states, previous
-
-
-def load_newer(conn: Connection, windows: dict[Pair, tuple[datetime | None, datetime]]) -> dict[Pair, list[Reading]]:
-    """Per pair, the recorded checks with after < measured_at <= until, oldest first:
-    the delivered ones and any recorded but still on their way."""
-    wanted = [(*pair, after or BEGINNING, until) for pair, (after, until) in windows.items()
-              if after is None or until > after]
-    if not wanted:
-        return {}
-    v = unnest({**PAIR_COLUMNS, "after": TZ, "until": TZ}, wanted)
-    c = trigger_checks.c
-    rows = conn.execute(
-        select(c.trigger_id, c.offer_id, c.affiliate_id, *READING_COLUMNS)
-        .select_from(v.join(trigger_checks, and_(
-            c.trigger_id == v.c.trigger_id, c.offer_id == v.c.offer_id, c.affiliate_id == v.c.affiliate_id,
-            c.measured_at > v.c.after, c.measured_at <= v.c.until)))
-        .order_by(c.trigger_id, c.offer_id, c.affiliate_id, c.measured_at)
-    ).all()
-    out: dict[Pair, list[Reading]] = defaultdict(list)
-    for t, o, a, *reading in rows:
-        out[t, o, a].append(as_reading(*reading))
-    return out
+    newer: dict[Pair, list[Reading]] = defaultdict(list)
+    for t, o, a, status, streak, since, check_id, measured_at, value, threshold, previous_status, *check in rows:
+        pair = (t, o, a)
+        if check_id is not None and pair not in previous:
+            # The machine needs only the id and time of the newest check folded in.
+            states[pair] = PairState(status, streak, since, Reading(check_id, measured_at, value, threshold,
+                                                                    status or "OK", False))
+            previous[pair] = previous_status
+        if check[0] is not None:
+            newer[pair].append(as_reading(*check))
+    return states, previous, newer
 
 
 class PairHistory:
@@ -186,8 +181,12 @@ class PairHistory:
 
     def __init__(self, conn: Connection, pair: Pair):
         self.conn = conn
+        self.pair = pair
+
+    @property
+    def where(self):  # noqa: ANN201 (built only when a refold needs it: most pairs never do)
         c = trigger_checks.c
-        self.where = and_(c.trigger_id == pair[0], c.offer_id == pair[1], c.affiliate_id == pair[2])
+        return and_(c.trigger_id == self.pair[0], c.offer_id == self.pair[1], c.affiliate_id == self.pair[2])
 
     def before(self, measured_at: datetime, limit: int) -> list[Reading]:
         c = trigger_checks.c
