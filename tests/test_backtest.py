@@ -19,7 +19,6 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from sqlalchemy import text
 
-from services.action_runner.firing import due_reminders
 from shared import silences
 from shared.events import METRIC_LOADED, new_event
 from testkit import ROOT
@@ -27,6 +26,7 @@ from testkit.fake_hasoffers.network import FakeAffiliate, FakeOffer, Network
 from testkit.fake_hasoffers.server import FakeHasOffers
 from testkit.smtp import FakeSmtpServer
 from testkit.waiting import wait_for
+from tests.alerting_support import settled
 
 START = datetime.now(timezone.utc).replace(second=0, microsecond=0) - timedelta(hours=3)
 OFFERS = (1, 2)
@@ -81,24 +81,6 @@ def fake_api():
     fake.start()
     yield fake
     fake.stop()
-
-
-def settled(db, measured_at: str | None = None, checks: int = 0) -> bool:
-    """The round's values all checked, every check applied, every run final, no reminder due."""
-    with db.connect() as conn:
-        if measured_at is not None and conn.execute(
-                text("SELECT count(*) FROM trigger_checks WHERE measured_at = :m"), {"m": measured_at}
-        ).scalar_one() < checks:
-            return False
-        pending = conn.execute(text("SELECT count(*) FROM operation_runs WHERE status = 'pending'")).scalar_one()
-        behind = conn.execute(text(
-            "SELECT count(*) FROM trigger_checks c LEFT JOIN trigger_states s USING (trigger_id, offer_id, affiliate_id) "
-            "WHERE s.measured_at IS NULL OR s.measured_at < c.measured_at")).scalar_one()
-        due = due_reminders(conn)
-        unevaluated = conn.execute(text(
-            "SELECT count(*) FROM trigger_events e WHERE e.status = 'PROBLEM' AND NOT EXISTS "
-            "(SELECT 1 FROM action_evaluations v WHERE v.trigger_event_id = e.id)")).scalar_one()
-    return pending == 0 and behind == 0 and not due and unevaluated == 0
 
 
 def test_the_backtest_of_stored_values_is_what_the_services_did(db, bus, start_service, service_env, fake_api):

@@ -181,7 +181,7 @@ def due_reminders(conn: Connection) -> list[tuple[int, int, int, datetime]]:
     # the event entered, since then. (Other conditions are checked below.)
     open_firings = conn.execute(
         select(f.trigger_event_id, f.action_id, f.episode, e.trigger_id, e.offer_id, e.affiliate_id,
-               Action.repeat_minutes)
+               Action.repeat_minutes, s.measured_at.label("folded"))
         .join(e, e.id == f.trigger_event_id)
         .join(s, and_(s.trigger_id == e.trigger_id, s.offer_id == e.offer_id, s.affiliate_id == e.affiliate_id,
                       s.status == e.status, s.since == e.measured_at))
@@ -209,10 +209,12 @@ def due_reminders(conn: Connection) -> list[tuple[int, int, int, datetime]]:
             continue
         mark = last_at + timedelta(minutes=r.repeat_minutes)
         c = TriggerCheck
+        # Only a check the state has folded in: one recorded but not yet applied may be the
+        # very check that ends the episode.
         check_at = conn.execute(
             select(func.min(c.measured_at)).where(
                 c.trigger_id == r.trigger_id, c.offer_id == r.offer_id, c.affiliate_id == r.affiliate_id,
-                c.measured_at >= mark)
+                c.measured_at >= mark, c.measured_at <= r.folded)
         ).scalar()
         if check_at is not None and reminder_due(last_at, check_at, r.repeat_minutes):
             due.append((r.trigger_event_id, r.action_id, repeat + 1, check_at))
