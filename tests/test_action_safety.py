@@ -276,6 +276,10 @@ def test_reminders_repeat_the_emails_while_the_episode_lasts_and_stop_with_it(wo
                 "status, measured_at) VALUES (:id, :t, :o, :a, 0.01, 'lt', 0.05, 'PROBLEM', :m)"),
                 {"id": next(check_ids), "t": TRIGGER, "o": OFFER, "a": AFFILIATE,
                  "m": MEASURED_AT + timedelta(minutes=minutes)})
+            # ...and the event_detector folds it in (same status: only measured_at moves).
+            conn.execute(text("UPDATE trigger_states SET measured_at = :m WHERE trigger_id = :t AND offer_id = :o "
+                              "AND affiliate_id = :a"),
+                         {"t": TRIGGER, "o": OFFER, "a": AFFILIATE, "m": MEASURED_AT + timedelta(minutes=minutes)})
 
     ticker = Ticker(world, mailer, lambda: None, settings())  # type: ignore[arg-type]
     check(15)
