@@ -51,7 +51,8 @@ class FakeSmtpServer:
     `replies` are answered to the next DATA commands instead of accepting them (e.g.
     "451 4.3.0 try again later"); `delay` holds each accepted mail; `together` holds each
     mail until that many are being sent at once (a barrier, 10 s at most), and
-    `most_at_once` says how many were. `on_next_mail` is called once, with the client's
+    `most_at_once` says how many were; `hold_until` (a callable) holds each mail until it
+    returns true (10 s at most): a barrier on something else. `on_next_mail` is called once, with the client's
     port, after the next mail is taken and before the client hears "250": a fault that
     kills the sender in the middle of its send.
     """
@@ -61,6 +62,7 @@ class FakeSmtpServer:
         self.delay = delay
         self.together = 0
         self.most_at_once = 0
+        self.hold_until: Callable[[], bool] | None = None
         self.replies: list[str] = []
         self.received: list[ReceivedMail] = []
         self.data_commands = 0
@@ -78,7 +80,8 @@ class FakeSmtpServer:
             self.most_at_once = max(self.most_at_once, self._in_flight)
         try:
             deadline = asyncio.get_running_loop().time() + 10
-            while self.most_at_once < self.together and asyncio.get_running_loop().time() < deadline:
+            while ((self.most_at_once < self.together or (self.hold_until and not self.hold_until()))
+                   and asyncio.get_running_loop().time() < deadline):
                 await asyncio.sleep(0.01)
             if self.delay:
                 await asyncio.sleep(self.delay)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Literal
 
-from sqlalchemy import Connection, Engine, and_, func, or_, select, update
+from sqlalchemy import BigInteger, Connection, Engine, Integer, and_, cast, column, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import DBAPIError
 
@@ -44,7 +44,7 @@ from shared.events import (
 from shared.handling import Delivery, RetryableError
 from shared.hasoffers import HasOffersClient
 from shared.settings import Settings
-from shared.sql import connection
+from shared.sql import array, connection
 from shared.vocabulary import EMAIL_KINDS
 
 logger = logging.getLogger(__name__)
@@ -71,64 +71,88 @@ def event_facts(conn: Connection, event_id: str, event: TriggerEventMessage) -> 
 
 # First key of the session advisory locks that claim operation runs (the second is the run id).
 RUN_LOCK = 0x6B7069  # "kpi"
+
+
+def run_lock_key(run_id):  # noqa: ANN001, ANN201 (SQL expressions)
+    """The two 32-bit keys of a run's advisory lock: (RUN_LOCK, id) for ids below 2**31,
+    the next first keys after that."""
+    return (RUN_LOCK + cast(run_id / 2147483648, Integer()), cast(run_id % 2147483648, Integer()))
+
+
 # The transaction-scoped lock that serialises decisions under the reject cap, network-wide.
 CAP_LOCK = 0x6B706A
 
 
-def run_once(engine: Engine, run_id: int, facts: EventFacts, delivery: Delivery, *, mailer: Mailer,
-             hasoffers: HasOffersClient | None, settings: Settings) -> RunResult:
-    """Claim the run, count the attempt, do its side effect, commit the outcome.
+def run_pending(engine: Engine, run_ids: list[int], facts: EventFacts, delivery: Delivery, *, mailer: Mailer,
+                hasoffers: HasOffersClient | None, settings: Settings) -> list[RunResult]:
+    """Claim the event's pending runs together, count their attempt, then do each side
+    effect and commit its outcome before the next.
 
-    The claim is a session advisory lock on the run: held from before the side effect
-    until after its outcome is committed, and released by PostgreSQL when the process or
-    its connection dies. Unlike a row lock it survives the commit that counts the
-    attempt before the side effect, so an attempt that ends in a crash still counts and
-    a run that keeps crashing its process gives up after KPI_RETRY_LIMIT + 1 attempts.
+    The claim is a session advisory lock per run: held from before the side effects until
+    after the outcomes are committed, and released by PostgreSQL when the process or its
+    connection dies. Unlike a row lock it survives the commit that counts the attempts
+    before the side effects, so an attempt that ends in a crash still counts and a run
+    that keeps crashing its process gives up after KPI_RETRY_LIMIT + 1 attempts. Claims
+    and releases are one statement each for the whole event; each outcome is committed
+    as soon as its side effect is done, so a crash repeats at most the one in flight.
     """
     with connection(engine) as conn:
-        if not conn.execute(select(func.pg_try_advisory_lock(RUN_LOCK, run_id))).scalar_one():
-            conn.rollback()
-            # Another replica holds it. Its delivery normally finishes it, but that delivery may
-            # be gone (a lost broker connection); this one comes back until the run is final.
-            logger.info("event_id=%s run %d is being handled elsewhere; will look again", facts.event_id, run_id)
-            return RunResult("busy", f"run {run_id} is being handled by another delivery")
+        run = column("id", BigInteger())
+        locked = set(conn.scalars(
+            select(run).select_from(func.unnest(array(run_ids, BigInteger())).alias("id"))
+            .where(func.pg_try_advisory_lock(*run_lock_key(run)))))
+        conn.commit()
+        results = {}
+        for run_id in run_ids:
+            if run_id not in locked:
+                # Another replica holds it. Its delivery normally finishes it, but that delivery may
+                # be gone (a lost broker connection); this one comes back until the run is final.
+                logger.info("event_id=%s run %d is being handled elsewhere; will look again", facts.event_id, run_id)
+                results[run_id] = RunResult("busy", f"run {run_id} is being handled by another delivery")
         try:
-            conn.commit()
-            return _run_claimed(conn, run_id, facts, delivery, mailer=mailer, hasoffers=hasoffers, settings=settings)
+            if locked:
+                for row in _claim(conn, sorted(locked), settings):
+                    results[row.id] = _run_claimed(conn, row, facts, delivery, mailer=mailer, hasoffers=hasoffers,
+                                                   settings=settings)
+                for run_id, status in conn.execute(select(OperationRun.id, OperationRun.status).where(
+                        OperationRun.id.in_(sorted(locked - set(results))))):
+                    # finished elsewhere since we listed the runs, or waiting in its digest
+                    results[run_id] = RunResult("queued" if status == "pending" else "final")
+            return [results[run_id] for run_id in run_ids]
         finally:
-            _release(conn, run_id)
+            _release(conn, sorted(locked))
 
 
-def _release(conn: Connection, run_id: int) -> None:
+def _claim(conn: Connection, run_ids: list[int], settings: Settings) -> list:
+    """Count an attempt of every claimed run still to do; their rows with their operation's."""
+    r, o = OperationRun.__table__.c, Operation.__table__.c
+    with conn.begin():
+        return list(conn.execute(
+            update(OperationRun.__table__)
+            .where(r.id.in_(run_ids), r.status == "pending", r.digest_id.is_(None), o.id == r.operation_id)
+            .values(attempts=r.attempts + (0 if settings.actions_dry_run else 1),
+                    started_at=func.coalesce(r.started_at, func.clock_timestamp()))
+            .returning(r.id, r.trigger_event_id, r.action_id, r.operation_id, r.kind, r.attempts, r.repeat,
+                       r.decided_at, r.cap_granted_at, o.subject, o.body, o.digest_minutes)
+        ).all())
+
+
+def _release(conn: Connection, run_ids: list[int]) -> None:
     try:
         conn.rollback()
-        conn.execute(select(func.pg_advisory_unlock(RUN_LOCK, run_id)))
+        if run_ids:
+            conn.execute(select(func.count(func.pg_advisory_unlock(*run_lock_key(column("id", BigInteger())))))
+                         .select_from(func.unnest(array(run_ids, BigInteger())).alias("id")))
         conn.commit()
-    except DBAPIError:  # the connection is gone, and the lock with it
+    except DBAPIError:  # the connection is gone, and the locks with it
         conn.invalidate()
 
 
-def _run_claimed(conn: Connection, run_id: int, facts: EventFacts, delivery: Delivery, *, mailer: Mailer,
+def _run_claimed(conn: Connection, row, facts: EventFacts, delivery: Delivery, *, mailer: Mailer,  # noqa: ANN001
                  hasoffers: HasOffersClient | None, settings: Settings) -> RunResult:
-    with conn.begin():
-        row = conn.execute(
-            update(OperationRun)
-            .where(OperationRun.id == run_id, OperationRun.status == "pending", OperationRun.digest_id.is_(None))
-            .values(attempts=OperationRun.attempts + (0 if settings.actions_dry_run else 1),
-                    started_at=func.coalesce(OperationRun.started_at, func.clock_timestamp()))
-            .returning(OperationRun.trigger_event_id, OperationRun.action_id, OperationRun.operation_id,
-                       OperationRun.kind, OperationRun.attempts, OperationRun.repeat, OperationRun.decided_at,
-                       OperationRun.cap_granted_at)
-        ).first()
-        if row is None:
-            status = conn.execute(select(OperationRun.status).where(OperationRun.id == run_id)).scalar_one()
-            # finished elsewhere since we listed the runs, or waiting in its digest
-            return RunResult("queued" if status == "pending" else "final")
-        subject, body, digest_minutes = conn.execute(
-            select(Operation.subject, Operation.body, Operation.digest_minutes)
-            .where(Operation.id == row.operation_id)).one()
+    run_id = row.id
     run = RunSpec(run_id=run_id, trigger_event_id=row.trigger_event_id, action_id=row.action_id,
-                  operation_id=row.operation_id, kind=row.kind, subject=subject, body=body, repeat=row.repeat)
+                  operation_id=row.operation_id, kind=row.kind, subject=row.subject, body=row.body, repeat=row.repeat)
     attempt = delivery.at_attempt(row.attempts)
     if settings.actions_dry_run:
         with conn.begin():
@@ -150,8 +174,8 @@ def _run_claimed(conn: Connection, run_id: int, facts: EventFacts, delivery: Del
                                    settings)
         if stopped is not None:
             return stopped
-    elif digest_minutes and run.kind in EMAIL_KINDS:
-        return _queue_in_digest(conn, run, facts, digest_minutes)
+    elif row.digest_minutes and run.kind in EMAIL_KINDS:
+        return _queue_in_digest(conn, run, facts, row.digest_minutes)
 
     try:
         with conn.begin():

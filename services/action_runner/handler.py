@@ -42,11 +42,10 @@ def handle_trigger_event(envelope: Envelope, delivery: Delivery | None = None, *
 
     retry: list[str] = []
     gave_up: list[str] = []
-    for run_id, status in runs:
-        if status != "pending":
-            continue
-        result = execution.run_once(engine, run_id, facts, delivery, mailer=mailer, hasoffers=hasoffers,
-                                    settings=settings)
+    pending = [run_id for run_id, status in runs if status == "pending"]
+    results = execution.run_pending(engine, pending, facts, delivery, mailer=mailer, hasoffers=hasoffers,
+                                    settings=settings) if pending else []
+    for result in results:
         if result.kind in ("retry", "busy"):
             retry.append(result.reason)
         elif result.kind == "gave_up":

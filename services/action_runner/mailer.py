@@ -1,7 +1,8 @@
 """Outgoing mail over SMTP (stdlib smtplib), with failures sorted into transient and permanent.
 
-One SmtpMailer per process holds the configuration; each send opens its own connection,
-so a server restart between two events never leaves a dead connection behind.
+One SmtpMailer per thread that sends (the handler's, the ticker's) holds the configuration
+and one connection, reused from mail to mail and replaced when it has died (a server
+restart between two events), never with a mail half sent on it.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import logging
 import re
 import smtplib
 import ssl
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from email.message import EmailMessage
@@ -93,6 +96,9 @@ def build_message(mail: Mail, sender: str) -> EmailMessage:
 
 
 class SmtpMailer:
+    # A connection used this recently is taken as alive without a NOOP first.
+    REUSE_WITHOUT_CHECK_SECONDS = 1.0
+
     def __init__(self, host: str, port: int, *, sender: str, user: str | None = None,
                  password: str | None = None, starttls: bool = False, timeout: float = 30.0):
         self.host = host
@@ -102,6 +108,9 @@ class SmtpMailer:
         self._password = password
         self.starttls = starttls
         self.timeout = timeout
+        self._smtp: smtplib.SMTP | None = None
+        self._used_at = 0.0
+        self._lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SmtpMailer:
@@ -115,15 +124,52 @@ class SmtpMailer:
     def _scrub(self, text: str) -> str:
         return text.replace(self._password, "***") if self._password else text
 
+    def _session(self) -> smtplib.SMTP:
+        """The open connection, checked with a NOOP if it may have gone stale, or a new one.
+
+        Reused between mails: a new connection (TCP, EHLO, STARTTLS, login) for each mail
+        cost more than the mail. A connection found dead before a mail is replaced before
+        anything is sent, so nothing is sent twice because of it."""
+        if self._smtp is not None:
+            try:
+                if time.monotonic() - self._used_at < self.REUSE_WITHOUT_CHECK_SECONDS or \
+                        self._smtp.noop()[0] == 250:
+                    return self._smtp
+            except (smtplib.SMTPException, OSError):
+                pass
+            self.close()
+        smtp = smtplib.SMTP(self.host, self.port, timeout=self.timeout)
+        try:
+            if self.starttls:
+                smtp.starttls(context=ssl.create_default_context())
+            if self.user:
+                smtp.login(self.user, self._password or "")
+        except BaseException:
+            smtp.close()
+            raise
+        self._smtp = smtp
+        return smtp
+
+    def close(self) -> None:
+        smtp, self._smtp = self._smtp, None
+        if smtp is not None:
+            try:
+                smtp.quit()
+            except (smtplib.SMTPException, OSError):
+                smtp.close()
+
     def send(self, mail: Mail) -> str:
         message = build_message(mail, self.sender)
         try:
-            with smtplib.SMTP(self.host, self.port, timeout=self.timeout) as smtp:
-                if self.starttls:
-                    smtp.starttls(context=ssl.create_default_context())
-                if self.user:
-                    smtp.login(self.user, self._password or "")
-                refused = smtp.send_message(message, from_addr=self.sender, to_addrs=list(mail.recipients))
+            with self._lock:
+                try:
+                    refused = self._session().send_message(message, from_addr=self.sender,
+                                                           to_addrs=list(mail.recipients))
+                    self._used_at = time.monotonic()
+                except BaseException:
+                    # What the server made of an interrupted conversation is unknown: start afresh.
+                    self.close()
+                    raise
         except smtplib.SMTPRecipientsRefused as exc:
             codes = [code for code, _ in exc.recipients.values()]
             reason = "all recipients refused: " + ", ".join(
