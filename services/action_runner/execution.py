@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Literal
 
-from sqlalchemy import BigInteger, Connection, Engine, Integer, and_, cast, column, func, or_, select, update
+from sqlalchemy import BigInteger, Connection, Integer, and_, cast, column, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import DBAPIError
 
@@ -44,7 +44,7 @@ from shared.events import (
 from shared.handling import Delivery, RetryableError
 from shared.hasoffers import HasOffersClient
 from shared.settings import Settings
-from shared.sql import array, connection
+from shared.sql import array
 from shared.vocabulary import EMAIL_KINDS
 
 logger = logging.getLogger(__name__)
@@ -63,10 +63,11 @@ class RunResult:
 
 def event_facts(conn: Connection, event_id: str, event: TriggerEventMessage) -> EventFacts:
     """What every operation of the event needs besides the event: its metric and offer."""
-    metric = conn.execute(select(Trigger.metric_key).where(Trigger.id == event.trigger_id)).scalar_one()
-    offer = conn.execute(select(Offer.name, Offer.require_approval).where(Offer.id == event.offer_id)).first()
+    metric, offer, require_approval, known = conn.execute(
+        select(Trigger.metric_key, Offer.name, Offer.require_approval, Offer.id.is_not(None))
+        .outerjoin(Offer, Offer.id == event.offer_id).where(Trigger.id == event.trigger_id)).one()
     return EventFacts(event_id=event_id, event=event, metric=metric,
-                      offer=OfferInfo(name=offer.name, require_approval=offer.require_approval) if offer else None)
+                      offer=OfferInfo(name=offer, require_approval=require_approval) if known else None)
 
 
 # First key of the session advisory locks that claim operation runs (the second is the run id).
@@ -83,61 +84,59 @@ def run_lock_key(run_id):  # noqa: ANN001, ANN201 (SQL expressions)
 CAP_LOCK = 0x6B706A
 
 
-def run_pending(engine: Engine, run_ids: list[int], facts: EventFacts, delivery: Delivery, *, mailer: Mailer,
-                hasoffers: HasOffersClient | None, settings: Settings) -> list[RunResult]:
-    """Claim the event's pending runs together, count their attempt, then do each side
-    effect and commit its outcome before the next.
+def claim(conn: Connection, run_ids: list[int], settings: Settings) -> tuple[list, set[int]]:
+    """Claim runs for this delivery, inside the caller's transaction: a session advisory
+    lock per run (it outlives the commit, and dies with the process or its connection),
+    and one more attempt counted for each claimed run still to do. Their rows (with their
+    operation's), and the ids locked — to `release` whatever happens.
 
-    The claim is a session advisory lock per run: held from before the side effects until
-    after the outcomes are committed, and released by PostgreSQL when the process or its
-    connection dies. Unlike a row lock it survives the commit that counts the attempts
-    before the side effects, so an attempt that ends in a crash still counts and a run
-    that keeps crashing its process gives up after KPI_RETRY_LIMIT + 1 attempts. Claims
-    and releases are one statement each for the whole event; each outcome is committed
-    as soon as its side effect is done, so a crash repeats at most the one in flight.
-    """
-    with connection(engine) as conn:
-        run = column("id", BigInteger())
-        locked = set(conn.scalars(
-            select(run).select_from(func.unnest(array(run_ids, BigInteger())).alias("id"))
-            .where(func.pg_try_advisory_lock(*run_lock_key(run)))))
-        conn.commit()
-        results = {}
-        for run_id in run_ids:
-            if run_id not in locked:
-                # Another replica holds it. Its delivery normally finishes it, but that delivery may
-                # be gone (a lost broker connection); this one comes back until the run is final.
-                logger.info("event_id=%s run %d is being handled elsewhere; will look again", facts.event_id, run_id)
-                results[run_id] = RunResult("busy", f"run {run_id} is being handled by another delivery")
-        try:
-            if locked:
-                for row in _claim(conn, sorted(locked), settings):
-                    results[row.id] = _run_claimed(conn, row, facts, delivery, mailer=mailer, hasoffers=hasoffers,
-                                                   settings=settings)
-                for run_id, status in conn.execute(select(OperationRun.id, OperationRun.status).where(
-                        OperationRun.id.in_(sorted(locked - set(results))))):
-                    # finished elsewhere since we listed the runs, or waiting in its digest
-                    results[run_id] = RunResult("queued" if status == "pending" else "final")
-            return [results[run_id] for run_id in run_ids]
-        finally:
-            _release(conn, sorted(locked))
+    Unlike a row lock the claim survives the commit that counts the attempts before the
+    side effects, so an attempt that ends in a crash still counts and a run that keeps
+    crashing its process gives up after KPI_RETRY_LIMIT + 1 attempts."""
+    if not run_ids:
+        return [], set()
+    run = column("id", BigInteger())
+    locked = set(conn.scalars(
+        select(run).select_from(func.unnest(array(run_ids, BigInteger())).alias("id"))
+        .where(func.pg_try_advisory_lock(*run_lock_key(run)))))
+    return (_claim(conn, sorted(locked), settings) if locked else []), locked
+
+
+def run_claimed(conn: Connection, run_ids: list[int], claimed: list, locked: set[int], facts: EventFacts,
+                delivery: Delivery, *, mailer: Mailer, hasoffers: HasOffersClient | None,
+                settings: Settings) -> list[RunResult]:
+    """Do each claimed run's side effect and commit its outcome before the next: a crash
+    repeats at most the one in flight. A run locked by another delivery comes back busy."""
+    results = {}
+    for run_id in run_ids:
+        if run_id not in locked:
+            # Another replica holds it. Its delivery normally finishes it, but that delivery may
+            # be gone (a lost broker connection); this one comes back until the run is final.
+            logger.info("event_id=%s run %d is being handled elsewhere; will look again", facts.event_id, run_id)
+            results[run_id] = RunResult("busy", f"run {run_id} is being handled by another delivery")
+    for row in claimed:
+        results[row.id] = _run_claimed(conn, row, facts, delivery, mailer=mailer, hasoffers=hasoffers,
+                                       settings=settings)
+    for run_id in locked - set(results):
+        # finished elsewhere since we listed the runs, or waiting in its digest
+        results[run_id] = RunResult("final")
+    return [results[run_id] for run_id in run_ids]
 
 
 def _claim(conn: Connection, run_ids: list[int], settings: Settings) -> list:
     """Count an attempt of every claimed run still to do; their rows with their operation's."""
     r, o = OperationRun.__table__.c, Operation.__table__.c
-    with conn.begin():
-        return list(conn.execute(
-            update(OperationRun.__table__)
-            .where(r.id.in_(run_ids), r.status == "pending", r.digest_id.is_(None), o.id == r.operation_id)
-            .values(attempts=r.attempts + (0 if settings.actions_dry_run else 1),
-                    started_at=func.coalesce(r.started_at, func.clock_timestamp()))
-            .returning(r.id, r.trigger_event_id, r.action_id, r.operation_id, r.kind, r.attempts, r.repeat,
-                       r.decided_at, r.cap_granted_at, o.subject, o.body, o.digest_minutes)
-        ).all())
+    return list(conn.execute(
+        update(OperationRun.__table__)
+        .where(r.id.in_(run_ids), r.status == "pending", r.digest_id.is_(None), o.id == r.operation_id)
+        .values(attempts=r.attempts + (0 if settings.actions_dry_run else 1),
+                started_at=func.coalesce(r.started_at, func.clock_timestamp()))
+        .returning(r.id, r.trigger_event_id, r.action_id, r.operation_id, r.kind, r.attempts, r.repeat,
+                   r.decided_at, r.cap_granted_at, o.subject, o.body, o.digest_minutes)
+    ).all())
 
 
-def _release(conn: Connection, run_ids: list[int]) -> None:
+def release(conn: Connection, run_ids: list[int]) -> None:
     try:
         conn.rollback()
         if run_ids:
@@ -277,15 +276,15 @@ def _finish(conn: Connection, run_id: int, outcome: Outcome, *, last_error: str 
     conn.execute(update(OperationRun).where(OperationRun.id == run_id).values(**values))
 
 
-def notices(engine: Engine, envelope: Envelope, event: TriggerEventMessage) -> list[Envelope]:
+def notices(conn: Connection, envelope: Envelope, event: TriggerEventMessage) -> list[Envelope]:
     """An operation.executed for every final run of the event, the same ids every time."""
-    with connection(engine) as conn:
-        rows = conn.execute(
-            select(OperationRun.id, OperationRun.action_id, OperationRun.operation_id, OperationRun.kind,
-                   OperationRun.status, OperationRun.detail, OperationRun.repeat)
-            .where(OperationRun.trigger_event_id == event.trigger_event_id, OperationRun.status != "pending")
-            .order_by(OperationRun.id)
-        ).all()
+    rows = conn.execute(
+        select(OperationRun.id, OperationRun.action_id, OperationRun.operation_id, OperationRun.kind,
+               OperationRun.status, OperationRun.detail, OperationRun.repeat)
+        .where(OperationRun.trigger_event_id == event.trigger_event_id, OperationRun.status != "pending")
+        .order_by(OperationRun.id)
+    ).all()
+    conn.rollback()  # a read: end its transaction
     return [
         new_event(
             OPERATION_EXECUTED,

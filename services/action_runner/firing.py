@@ -67,20 +67,22 @@ def ensure_runs(conn: Connection, event: TriggerEventMessage) -> list[tuple[int,
         conn.execute(pg_insert(ActionEvaluation).values(
             trigger_event_id=event.trigger_event_id, action_id=action.id, fired=evaluation.fired,
             reason=evaluation.reason, episode=evaluation.episode).on_conflict_do_nothing())
+    if not fired:
+        return []
     created_at = conn.execute(select(TriggerEvent.created_at)
                               .where(TriggerEvent.id == event.trigger_event_id)).scalar_one()
-    add_runs(conn, event, [(action, op) for action in fired for op in action.operations], repeat=0,
-             measured_at=event.measured_at, at=created_at)
-    return runs_of(conn, event.trigger_event_id)
+    # No run of the event existed (the evaluations did not): the new ones are all of them.
+    return sorted(add_runs(conn, event, [(action, op) for action in fired for op in action.operations], repeat=0,
+                           measured_at=event.measured_at, at=created_at))
 
 
 def add_runs(conn: Connection, event: TriggerEventMessage, runs: Iterable[tuple[ActionRule, OperationRule]], *,
-             repeat: int, measured_at: datetime, at: datetime) -> int:
+             repeat: int, measured_at: datetime, at: datetime) -> list[tuple[int, str]]:
     """Record runs (ON CONFLICT DO NOTHING): pending, or silenced if a silence matches
-    the event at `at`. How many were new."""
+    the event at `at`. The new ones (id, status)."""
     rows = list(runs)
     if not rows:
-        return 0
+        return []
     silence = silences.active_for(conn, event.trigger_id, event.offer_id, event.affiliate_id, at)
     values = [{"trigger_event_id": event.trigger_event_id, "action_id": action.id, "operation_id": op.id,
                "kind": op.kind, "repeat": repeat, "measured_at": measured_at,
@@ -91,38 +93,38 @@ def add_runs(conn: Connection, event: TriggerEventMessage, runs: Iterable[tuple[
     stmt = pg_insert(OperationRun).values(values)
     if silence:
         stmt = pg_insert(OperationRun).values([{**v, "finished_at": func.clock_timestamp()} for v in values])
-    return conn.execute(stmt.on_conflict_do_nothing(constraint="uq_operation_runs_run")).rowcount
+    return [tuple(r) for r in conn.execute(  # type: ignore[misc]
+        stmt.on_conflict_do_nothing(constraint="uq_operation_runs_run").returning(OperationRun.id, OperationRun.status))]
 
 
 def load_actions(conn: Connection, *, trigger_id: int | None = None, status: str | None = None,
                  action_ids: Collection[int] | None = None) -> list[ActionRule]:
-    """Actions with their conditions and operations: those with a condition (trigger_id,
-    status), or those of `action_ids`, or all."""
-    query = select(Action.id, Action.name, Action.active, Action.repeat_minutes)
+    """Actions with their conditions and operations, in one statement: those with a
+    condition (trigger_id, status), or those of `action_ids`, or all."""
+    query = (select(Action.id, Action.name, Action.active, Action.repeat_minutes, ActionCondition.trigger_id,
+                    ActionCondition.trigger_status, Operation.id.label("op_id"), Operation.name.label("op_name"),
+                    Operation.kind, Operation.digest_minutes)
+             .outerjoin(ActionCondition, ActionCondition.action_id == Action.id)
+             .outerjoin(ActionOperation, ActionOperation.action_id == Action.id)
+             .outerjoin(Operation, Operation.id == ActionOperation.operation_id))
     if trigger_id is not None:
         query = query.where(Action.id.in_(
             select(ActionCondition.action_id).where(ActionCondition.trigger_id == trigger_id,
                                                     ActionCondition.trigger_status == status)))
     if action_ids is not None:
         query = query.where(Action.id.in_(list(action_ids)))
-    heads = conn.execute(query.order_by(Action.id)).all()
-    if not heads:
-        return []
-    ids = [h.id for h in heads]
-    conditions: dict[int, list[Condition]] = defaultdict(list)
-    for action_id, t, s in conn.execute(select(ActionCondition.action_id, ActionCondition.trigger_id,
-                                               ActionCondition.trigger_status)
-                                        .where(ActionCondition.action_id.in_(ids))
-                                        .order_by(ActionCondition.trigger_id, ActionCondition.trigger_status)):
-        conditions[action_id].append(Condition(t, s))
-    operations: dict[int, list[OperationRule]] = defaultdict(list)
-    for action_id, op_id, name, kind, digest in conn.execute(
-            select(ActionOperation.action_id, Operation.id, Operation.name, Operation.kind, Operation.digest_minutes)
-            .join(Operation, Operation.id == ActionOperation.operation_id)
-            .where(ActionOperation.action_id.in_(ids)).order_by(Operation.id)):
-        operations[action_id].append(OperationRule(op_id, name, kind, digest))
-    return [ActionRule(h.id, h.name, h.active, tuple(conditions[h.id]), tuple(operations[h.id]), h.repeat_minutes)
-            for h in heads]
+    heads: dict[int, tuple] = {}
+    conditions: dict[int, set[Condition]] = defaultdict(set)
+    operations: dict[int, dict[int, OperationRule]] = defaultdict(dict)
+    for r in conn.execute(query.order_by(Action.id)):
+        heads.setdefault(r.id, (r.name, r.active, r.repeat_minutes))
+        if r.trigger_id is not None:
+            conditions[r.id].add(Condition(r.trigger_id, r.trigger_status))
+        if r.op_id is not None:
+            operations[r.id][r.op_id] = OperationRule(r.op_id, r.op_name, r.kind, r.digest_minutes)
+    return [ActionRule(action_id, name, active, tuple(sorted(conditions[action_id])),
+                       tuple(op for _, op in sorted(operations[action_id].items())), repeat)
+            for action_id, (name, active, repeat) in heads.items()]
 
 
 def pair_states(conn: Connection, offer_id: int, affiliate_id: int, trigger_ids: Collection[int]

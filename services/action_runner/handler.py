@@ -24,7 +24,7 @@ from shared.handling import DeadLetter, Delivery, HandlerResult, RetryableError
 from shared.hasoffers import HasOffersClient
 from shared.recorded import trigger_event_message
 from shared.settings import Settings
-from shared.sql import transaction
+from shared.sql import connection
 
 logger = logging.getLogger(__name__)
 
@@ -34,28 +34,32 @@ def handle_trigger_event(envelope: Envelope, delivery: Delivery | None = None, *
     message = _validate(envelope)
     delivery = delivery or Delivery(max_attempts=settings.kpi_retry_limit + 1)
     event_id = str(envelope.event_id)
-    with transaction(engine) as conn:
-        event = recorded_event(conn, message)
-        runs = firing.ensure_runs(conn, event)
-        facts = execution.event_facts(conn, event_id, event)
-    logger.info("event_id=%s trigger_event %d: %d operation run(s)", event_id, event.trigger_event_id, len(runs))
+    # One connection for the whole delivery: the runs' claims are session locks, taken in
+    # the transaction that decides, held while each side effect is done and its outcome
+    # committed, and released at the end.
+    with connection(engine) as conn:
+        locked: set[int] = set()
+        try:
+            with conn.begin():
+                event = recorded_event(conn, message)
+                runs = firing.ensure_runs(conn, event)
+                facts = execution.event_facts(conn, event_id, event)
+                pending = [run_id for run_id, status in runs if status == "pending"]
+                claimed, locked = execution.claim(conn, pending, settings)
+            logger.info("event_id=%s trigger_event %d: %d operation run(s)", event_id, event.trigger_event_id,
+                        len(runs))
+            results = execution.run_claimed(conn, pending, claimed, locked, facts, delivery, mailer=mailer,
+                                            hasoffers=hasoffers, settings=settings)
+        finally:
+            execution.release(conn, sorted(locked))
 
-    retry: list[str] = []
-    gave_up: list[str] = []
-    pending = [run_id for run_id, status in runs if status == "pending"]
-    results = execution.run_pending(engine, pending, facts, delivery, mailer=mailer, hasoffers=hasoffers,
-                                    settings=settings) if pending else []
-    for result in results:
-        if result.kind in ("retry", "busy"):
-            retry.append(result.reason)
-        elif result.kind == "gave_up":
-            gave_up.append(result.reason)
-
-    if retry:
-        # Nothing is lost by raising: finished runs are committed, and their notices go out
-        # with whichever later delivery (a retry, or a replay from the dead queue) returns.
-        raise RetryableError("; ".join(retry))
-    notices = execution.notices(engine, envelope, event)
+        retry = [r.reason for r in results if r.kind in ("retry", "busy")]
+        gave_up = [r.reason for r in results if r.kind == "gave_up"]
+        if retry:
+            # Nothing is lost by raising: finished runs are committed, and their notices go out
+            # with whichever later delivery (a retry, or a replay from the dead queue) returns.
+            raise RetryableError("; ".join(retry))
+        notices = execution.notices(conn, envelope, event)
     if gave_up:
         # The event itself goes to the dead queue, so an operator sees it and can replay it
         # (after resetting the failed runs to pending, see README).
