@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Literal
 
 from sqlalchemy import BigInteger, Connection, Integer, and_, cast, column, func, or_, select, update
@@ -37,7 +37,7 @@ from sqlalchemy.exc import DBAPIError
 from services.action_runner.mailer import Mailer
 from services.action_runner.decisions import PROTECTED, cap_allows, held_detail
 from services.action_runner.operations import EventFacts, OfferInfo, Outcome, RunSpec, perform, usable_recipients
-from shared.db import Affiliate, Digest, Offer, Operation, OperationRun, RejectCapAlert, Trigger
+from shared.db import Affiliate, Digest, Offer, Operation, OperationRun, RejectCapAlert, Trigger, TriggerEvent
 from shared.events import (
     OPERATION_EXECUTED, Envelope, OperationExecuted, TriggerEventMessage, new_event, stable_event_id,
 )
@@ -61,13 +61,15 @@ class RunResult:
     reason: str = ""
 
 
-def event_facts(conn: Connection, event_id: str, event: TriggerEventMessage) -> EventFacts:
-    """What every operation of the event needs besides the event: its metric and offer."""
-    metric, offer, require_approval, known = conn.execute(
-        select(Trigger.metric_key, Offer.name, Offer.require_approval, Offer.id.is_not(None))
-        .outerjoin(Offer, Offer.id == event.offer_id).where(Trigger.id == event.trigger_id)).one()
+def event_facts(conn: Connection, event_id: str, event: TriggerEventMessage) -> tuple[EventFacts, datetime]:
+    """What every operation of the event needs besides the event (its metric and offer),
+    and when the event was recorded."""
+    metric, offer, require_approval, known, created_at = conn.execute(
+        select(Trigger.metric_key, Offer.name, Offer.require_approval, Offer.id.is_not(None), TriggerEvent.created_at)
+        .select_from(TriggerEvent).join(Trigger, Trigger.id == TriggerEvent.trigger_id)
+        .outerjoin(Offer, Offer.id == TriggerEvent.offer_id).where(TriggerEvent.id == event.trigger_event_id)).one()
     return EventFacts(event_id=event_id, event=event, metric=metric,
-                      offer=OfferInfo(name=offer, require_approval=require_approval) if known else None)
+                      offer=OfferInfo(name=offer, require_approval=require_approval) if known else None), created_at
 
 
 # First key of the session advisory locks that claim operation runs (the second is the run id).

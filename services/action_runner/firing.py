@@ -37,11 +37,13 @@ from shared.events import TriggerEventMessage
 logger = logging.getLogger(__name__)
 
 
-def ensure_runs(conn: Connection, event: TriggerEventMessage) -> list[tuple[int, str]]:
+def ensure_runs(conn: Connection, event: TriggerEventMessage, created_at: datetime) -> list[tuple[int, str]]:
     """The event's operation runs (id, status), deciding which actions fire if no
-    delivery of the event has yet."""
+    delivery of the event has yet. `created_at`: when the event was recorded (silences)."""
     # Two replicas with the same event must not both evaluate the conditions: if
     # trigger_states changed in between, their union would run more than either decided.
+    # The lock first, in a statement of its own: a statement reads what was committed
+    # when it started, which is before it waited for the lock.
     conn.execute(select(func.pg_advisory_xact_lock(
         func.hashtextextended(f"action_runner.trigger_event:{event.trigger_event_id}", 0))))
     decided = conn.execute(select(func.count()).select_from(ActionEvaluation)
@@ -55,6 +57,7 @@ def ensure_runs(conn: Connection, event: TriggerEventMessage) -> list[tuple[int,
                          {c.trigger_id for a in actions for c in a.conditions})
     names = trigger_names(conn, {c.trigger_id for a in actions for c in a.conditions})
     fired: list[ActionRule] = []
+    evaluations = []
     for action in actions:
         evaluation = evaluate(action, event.trigger_id, event.status, event.measured_at, states, names)
         if evaluation.fired:
@@ -64,13 +67,11 @@ def ensure_runs(conn: Connection, event: TriggerEventMessage) -> list[tuple[int,
                                         evaluation.episode)
             else:
                 fired.append(action)
-        conn.execute(pg_insert(ActionEvaluation).values(
-            trigger_event_id=event.trigger_event_id, action_id=action.id, fired=evaluation.fired,
-            reason=evaluation.reason, episode=evaluation.episode).on_conflict_do_nothing())
+        evaluations.append({"trigger_event_id": event.trigger_event_id, "action_id": action.id,
+                            "fired": evaluation.fired, "reason": evaluation.reason, "episode": evaluation.episode})
+    conn.execute(pg_insert(ActionEvaluation).values(evaluations).on_conflict_do_nothing())
     if not fired:
         return []
-    created_at = conn.execute(select(TriggerEvent.created_at)
-                              .where(TriggerEvent.id == event.trigger_event_id)).scalar_one()
     # No run of the event existed (the evaluations did not): the new ones are all of them.
     return sorted(add_runs(conn, event, [(action, op) for action in fired for op in action.operations], repeat=0,
                            measured_at=event.measured_at, at=created_at))
@@ -147,12 +148,14 @@ def claim_episode(conn: Connection, event: TriggerEventMessage, action_id: int, 
     """The trigger event that fires the action for its episode: this one if it is the
     first to claim it. A second event completing the same conjunction (the other
     condition's change) finds it claimed and fires nothing: one reject, not two."""
-    conn.execute(
+    claimed = conn.execute(
         pg_insert(ActionFiring)
         .values(action_id=action_id, offer_id=event.offer_id, affiliate_id=event.affiliate_id,
                 episode=episode, trigger_event_id=event.trigger_event_id)
-        .on_conflict_do_nothing()
-    )
+        .on_conflict_do_nothing().returning(ActionFiring.trigger_event_id)
+    ).scalar()
+    if claimed is not None:
+        return claimed
     owner = conn.execute(
         select(ActionFiring.trigger_event_id).where(
             ActionFiring.action_id == action_id, ActionFiring.offer_id == event.offer_id,

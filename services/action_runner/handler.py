@@ -42,8 +42,8 @@ def handle_trigger_event(envelope: Envelope, delivery: Delivery | None = None, *
         try:
             with conn.begin():
                 event = recorded_event(conn, message)
-                runs = firing.ensure_runs(conn, event)
-                facts = execution.event_facts(conn, event_id, event)
+                facts, created_at = execution.event_facts(conn, event_id, event)
+                runs = firing.ensure_runs(conn, event, created_at)
                 pending = [run_id for run_id, status in runs if status == "pending"]
                 claimed, locked = execution.claim(conn, pending, settings)
             logger.info("event_id=%s trigger_event %d: %d operation run(s)", event_id, event.trigger_event_id,
