@@ -164,7 +164,7 @@ def test_the_handler_publishes_batches_of_1000_with_one_measured_at_and_stable_i
 
 
 class FlakyBus:
-    """Stands in for shared.bus.Bus: refuses the first `failures` publishes."""
+    """Stands in for shared.rabbitmq.Bus: refuses the first `failures` publishes."""
 
     def __init__(self, sent: list, failures: int):
         self.sent, self.failures, self.connection = sent, failures, None
@@ -172,7 +172,7 @@ class FlakyBus:
     def connect(self) -> "FlakyBus":
         return self
 
-    def publish(self, event) -> None:
+    def publish(self, event, *, mandatory: bool = True) -> None:
         if self.failures:
             self.failures -= 1
             raise ConnectionError("broker gone")

@@ -33,7 +33,8 @@ from shared.db import Administrator, Digest, Offer, Operation, OperationRun, Rej
 from shared.events import (
     OPERATION_EXECUTED, TRIGGER_EVENT_TYPES, OperationExecuted, TriggerEventMessage, new_event, stable_event_id,
 )
-from shared.rabbitmq import CONNECTION_ERRORS, Bus, PublishError
+from shared.rabbitmq import Bus
+from shared.rabbitmq.outbox import Outbox
 from shared.recorded import trigger_event_message
 from shared.settings import Settings
 from shared.sql import connection, transaction
@@ -52,11 +53,9 @@ class Ticker:
     def __init__(self, engine: Engine, mailer: Mailer, make_bus: Callable[[], Bus], settings: Settings):
         self.engine = engine
         self.mailer = mailer
-        self.make_bus = make_bus
         self.settings = settings
         self.stopping = threading.Event()
-        self._bus: Bus | None = None
-        self._pending: list = []  # envelopes not published yet
+        self.outbox = Outbox(make_bus, mandatory=lambda event: event.type != OPERATION_EXECUTED)
 
     def start(self) -> threading.Thread:
         thread = threading.Thread(target=self.run, name="action-runner-ticker", daemon=True)
@@ -69,17 +68,16 @@ class Ticker:
                 self.tick()
             except Exception:  # the ticker must outlive a bad tick; the next one tries again
                 logger.exception("action_runner tick failed")
-        if self._bus is not None:
-            self._bus.close()
+        self.outbox.close()
 
     def tick(self) -> None:
-        self._keep_alive()
+        self.outbox.keep_alive()
         for digest_id in self.due_digests():
-            self._pending += self.send_digest(digest_id)
+            self.outbox.add(self.send_digest(digest_id))
         self.send_alerts()
-        self._pending += self.record_reminders()
-        self._pending += self.released_not_run()
-        self._publish_pending()
+        self.outbox.add(self.record_reminders())
+        self.outbox.add(self.released_not_run())
+        self.outbox.publish_pending()
 
     # -- digests ---------------------------------------------------------------------------
 
@@ -236,33 +234,6 @@ class Ticker:
             events = [trigger_event_message(conn, te) for te in ids]
         return [new_event(TRIGGER_EVENT_TYPES[e.status], e, correlation_id="held-release", event_id=uuid.uuid4())
                 for e in events if e is not None]
-
-    # -- publishing ----------------------------------------------------------------------------
-
-    def _publish_pending(self) -> None:
-        while self._pending:
-            event = self._pending[0]
-            try:
-                if self._bus is None:
-                    self._bus = self.make_bus().connect()
-                self._bus.publish(event, mandatory=event.type != OPERATION_EXECUTED)
-            except (*CONNECTION_ERRORS, PublishError) as exc:
-                logger.warning("event_id=%s not published yet (%s); trying again", event.event_id, exc)
-                if self._bus is not None:
-                    self._bus.close()
-                self._bus = None
-                return
-            self._pending.pop(0)
-
-    def _keep_alive(self) -> None:
-        """Answer the broker's heartbeats: a blocking connection only does so when used."""
-        if self._bus is None or self._bus.connection is None:
-            return
-        try:
-            self._bus.connection.process_data_events(time_limit=0)
-        except CONNECTION_ERRORS:
-            self._bus.close()
-            self._bus = None
 
 
 # -- what a digest says ----------------------------------------------------------------------------

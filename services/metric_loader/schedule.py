@@ -24,7 +24,8 @@ from sqlalchemy import Engine
 from sqlalchemy.dialects.postgresql import insert
 
 from shared.db import LoadRun
-from shared.rabbitmq import CONNECTION_ERRORS, Bus, PublishError
+from shared.rabbitmq import Bus
+from shared.rabbitmq.outbox import Outbox
 from shared.sql import transaction
 from shared.events import METRIC_LOAD_REQUESTED, Envelope, MetricLoadRequested, new_event, stable_event_id
 from shared.vocabulary import METRIC_KEYS, REFERENCE
@@ -40,7 +41,6 @@ class Schedule:
     def __init__(self, engine: Engine, make_bus: Callable[[], Bus], *, metrics_seconds: int, reference_seconds: int,
                  lookback_hours: int, clock: Callable[[], float] = time.time, tick_seconds: float = 1.0):
         self.engine = engine
-        self.make_bus = make_bus
         # The reference first: on start-up its request goes out before the metrics'.
         self.intervals = {key: seconds for key, seconds in
                           [(REFERENCE, reference_seconds), *((k, metrics_seconds) for k in METRIC_KEYS)] if seconds}
@@ -49,8 +49,7 @@ class Schedule:
         self.tick_seconds = tick_seconds
         self.stopping = threading.Event()
         self._done: dict[str, datetime] = {}  # key -> last slot this replica dealt with
-        self._pending: list[Envelope] = []
-        self._bus: Bus | None = None
+        self.outbox = Outbox(make_bus)
 
     def start(self) -> threading.Thread:
         thread = threading.Thread(target=self.run, name="metric-loader-schedule", daemon=True)
@@ -65,11 +64,10 @@ class Schedule:
             except Exception:  # the schedule must outlive a bad tick; the next one tries again
                 logger.exception("schedule tick failed")
             self.stopping.wait(self.tick_seconds)
-        if self._bus is not None:
-            self._bus.close()
+        self.outbox.close()
 
     def tick(self) -> None:
-        self.keep_alive()
+        self.outbox.keep_alive()
         now = self.clock()
         for key, interval in self.intervals.items():
             slot = slot_of(now, interval)
@@ -78,8 +76,8 @@ class Schedule:
             event = self.claim(key, slot)  # raises on a database error: the slot is tried again next tick
             self._done[key] = slot
             if event is not None:
-                self._pending.append(event)
-        self.publish_pending()
+                self.outbox.add([event])
+        self.outbox.publish_pending()
 
     def claim(self, key: str, slot: datetime) -> Envelope | None:
         """The request for (key, slot) when this replica claimed it, else None."""
@@ -99,28 +97,3 @@ class Schedule:
         logger.info("event_id=%s run_id=%d scheduled %s for slot %s", event_id, run_id, key, slot.isoformat())
         return new_event(METRIC_LOAD_REQUESTED, MetricLoadRequested(metric_key=key, lookback_hours=self.lookback_hours),
                          correlation_id=str(run_id), event_id=event_id)
-
-    def publish_pending(self) -> None:
-        while self._pending:
-            event = self._pending[0]
-            try:
-                if self._bus is None:
-                    self._bus = self.make_bus().connect()
-                self._bus.publish(event)
-            except (*CONNECTION_ERRORS, PublishError) as exc:
-                logger.warning("event_id=%s request not published yet (%s); trying again", event.event_id, exc)
-                if self._bus is not None:
-                    self._bus.close()
-                self._bus = None
-                return
-            self._pending.pop(0)
-
-    def keep_alive(self) -> None:
-        """Answer the broker's heartbeats: a blocking connection only does so when used."""
-        if self._bus is None or self._bus.connection is None:
-            return
-        try:
-            self._bus.connection.process_data_events(time_limit=0)
-        except CONNECTION_ERRORS:
-            self._bus.close()
-            self._bus = None
