@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from sqlalchemy import Connection, func, select, update
 
-from shared.db import Offer, OperationRun, Trigger, TriggerEvent
+from shared.db import Affiliate, Offer, OperationRun, Trigger, TriggerEvent
 from shared.events import TRIGGER_EVENT_TYPES, Envelope, new_event
 from shared.recorded import trigger_event_message
 
@@ -28,9 +28,10 @@ def listing(conn: Connection, limit: int = 500) -> list[dict]:
     r, e = OperationRun, TriggerEvent
     rows = conn.execute(
         select(r.id, r.trigger_event_id, Trigger.name.label("trigger"), e.offer_id, Offer.name.label("offer_name"),
-               e.affiliate_id, e.value, e.threshold, e.measured_at, r.detail, r.created_at, r.finished_at)
+               e.affiliate_id, Affiliate.company.label("affiliate_company"), e.value, e.threshold, e.measured_at,
+               r.detail, r.created_at, r.finished_at)
         .join(e, e.id == r.trigger_event_id).join(Trigger, Trigger.id == e.trigger_id)
-        .outerjoin(Offer, Offer.id == e.offer_id)
+        .outerjoin(Offer, Offer.id == e.offer_id).outerjoin(Affiliate, Affiliate.id == e.affiliate_id)
         .where(r.status == "held").order_by(r.id).limit(limit)).all()
     return [row._asdict() for row in rows]
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 from pydantic import SecretStr
-from sqlalchemy import text
+from sqlalchemy import Engine, text
 
 from shared.console.app import create_app
 from shared.console.security import Credentials
@@ -43,6 +43,8 @@ class Served:
     offer_id: int
     affiliate_id: int
     changes: int   # state changes of (trigger, pair)
+    held_run: int  # a reject held by the hourly cap
+    engine: Engine  # read-write, for the test's checks
 
 
 @pytest.fixture(scope="module")
@@ -64,11 +66,16 @@ def _served(url: str, exchange: str) -> Iterator[Served]:
             changes = conn.execute(text(
                 "SELECT count(*) FROM trigger_events WHERE trigger_id = :t AND offer_id = :o AND affiliate_id = :a"),
                 {"t": trigger_id, "o": offer_id, "a": affiliate_id}).scalar_one()
+            held_run = conn.execute(text(
+                "UPDATE operation_runs SET status = 'held', detail = 'held: the hourly cap', finished_at = now() "
+                "WHERE id = (SELECT min(id) FROM operation_runs WHERE kind = 'reject_affiliate') RETURNING id"
+            )).scalar_one()
+        Bus(AMQP_URL, exchange).connect().close()  # the queues a release publishes to
         console = console_engine(Settings(database_url=SecretStr(url)))
         app = create_app(console, credentials=Credentials(USER, PASSWORD),
                          bus_factory=lambda: Bus(AMQP_URL, exchange).connect())
         with running_console(app) as base:
-            yield Served(base, trigger_id, offer_id, affiliate_id, changes)
+            yield Served(base, trigger_id, offer_id, affiliate_id, changes, held_run, engine)
     finally:
         if console is not None:
             console.dispose()
@@ -151,5 +158,68 @@ def test_log_in_find_a_pair_in_problem_and_its_chart(served, browser):
         page.locator(f"#trigger-{served.trigger_id} details.checks summary").click()
         expect(page.locator(f"#trigger-{served.trigger_id} details.checks tbody tr")).to_have_count(20)
         assert problems == []
+    finally:
+        context.close()
+
+
+def _logged_in(browser):
+    context = browser.new_context(http_credentials={"username": USER, "password": PASSWORD},
+                                  viewport={"width": 1360, "height": 900})
+    return context, context.new_page()
+
+
+def test_add_a_silence_through_the_form_and_see_it_listed(served, browser):
+    context, page = _logged_in(browser)
+    expect = sync_api.expect
+    try:
+        page.goto(served.base + "/")
+        page.click("nav.nav a[href='/silences']")
+        page.wait_for_url("**/silences")
+        expect(page.locator("h1")).to_contain_text("Silences")
+
+        # A mistake first: no reason. The page says so and keeps what was typed.
+        page.select_option("select[name=trigger]", "min CR")
+        page.fill("input[name=offer]", str(served.offer_id))
+        page.fill("input[name=for]", "2h")
+        page.click("form.silence-form button[type=submit]")
+        expect(page.locator(".form-error")).to_have_text("a silence needs a reason")
+        expect(page.locator("input[name=offer]")).to_have_value(str(served.offer_id))
+
+        page.fill("input[name=reason]", "offer paused by the advertiser")
+        page.click("form.silence-form button[type=submit]")
+        page.wait_for_url("**/silences?added=*")
+        silence_id = int(page.url.rsplit("=", 1)[1])
+        expect(page.locator(".notice")).to_have_text(f"Silence {silence_id} added.")
+        row = page.locator(f"tr[data-silence-id='{silence_id}']")
+        expect(row).to_contain_text("min CR")
+        expect(row).to_contain_text("offer paused by the advertiser")
+        expect(row).to_contain_text(USER)
+        with served.engine.connect() as conn:
+            recorded = conn.execute(text("SELECT offer_id, created_by, ends_at > now() FROM silences WHERE id = :id"),
+                                    {"id": silence_id}).one()
+        assert tuple(recorded) == (served.offer_id, USER, True)
+
+        row.locator("button", has_text="End").click()
+        page.wait_for_url(f"**/silences?ended_ids={silence_id}")
+        expect(page.locator(f"tr[data-silence-id='{silence_id}']")).to_have_count(0)
+    finally:
+        context.close()
+
+
+def test_release_a_held_reject(served, browser):
+    context, page = _logged_in(browser)
+    expect = sync_api.expect
+    try:
+        page.goto(served.base + "/held")
+        row = page.locator(f"tr[data-run-id='{served.held_run}']")
+        expect(row).to_have_count(1)
+        row.locator("button.release").click()
+        page.wait_for_url(f"**/held?released={served.held_run}")
+        expect(page.locator(".notice")).to_contain_text(f"Released run {served.held_run}")
+        expect(page.locator(f"tr[data-run-id='{served.held_run}']")).to_have_count(0)
+        with served.engine.connect() as conn:
+            status, decided_by = conn.execute(text("SELECT status, decided_by FROM operation_runs WHERE id = :id"),
+                                              {"id": served.held_run}).one()
+        assert (status, decided_by) == ("pending", USER)
     finally:
         context.close()

@@ -3,6 +3,7 @@ the same database as the services, with JSON twins under /api/.
 
     app.py        the Starlette application: routes, middleware, error pages
     views.py      one function per page and its JSON twin
+    controls.py   the pages that change something: silences (add, end), held rejects (release, discard)
     queries.py    every read, on the typed models, each served by an index
     charts.py     the per-trigger SVG chart, rendered on the server
     rendering.py  templates (autoescaped), the top bar (NAV), filters, JSON responses

@@ -25,9 +25,9 @@ class NavItem:
     label: str
 
 
-# The pages in the top bar, in order. A page added later (silences, held rejects)
-# appends its item here and its routes in views.routes().
-NAV = [NavItem("/", "Problems"), NavItem("/loads", "Loads"), NavItem("/dead", "Dead letters")]
+# The pages in the top bar, in order (their routes: views.routes()).
+NAV = [NavItem("/", "Problems"), NavItem("/loads", "Loads"), NavItem("/dead", "Dead letters"),
+       NavItem("/silences", "Silences"), NavItem("/held", "Held rejects")]
 
 
 def templates() -> Environment:

@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from shared.console import queries
+from shared.console import controls, queries
 from shared.console.charts import render_chart
 from shared.console.forms import reading
 from shared.console.rendering import json_response, render
@@ -45,6 +45,7 @@ def routes() -> list[BaseRoute]:
         Route("/api/loads", loads_api, methods=["GET"]),
         Route("/dead", dead_page, methods=["GET"]),
         Route("/api/dead", dead_api, methods=["GET"]),
+        *controls.routes(),  # silences and held rejects: the pages that change something
     ]
 
 
