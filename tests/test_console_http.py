@@ -65,6 +65,12 @@ def _console(url: str, exchange: str) -> Iterator[Console]:
             conn.execute(text("UPDATE offers SET name = :name WHERE id = :id"), {"name": HOSTILE_OFFER, "id": offer_id})
             conn.execute(text("UPDATE affiliates SET company = :name WHERE id = :id"),
                          {"name": HOSTILE_COMPANY, "id": affiliate_id})
+            # Hysteresis on 'min CR' (trigger 1) for the hostile pair's latest 24 checks.
+            conn.execute(text("UPDATE triggers SET for_checks = 2 WHERE id = 1"))
+            conn.execute(text(
+                "UPDATE trigger_checks SET recovery = 0.007 WHERE trigger_id = 1 AND offer_id = :o AND affiliate_id = :a "
+                "AND measured_at >= (SELECT max(measured_at) - interval '690 minutes' FROM trigger_checks)"),
+                {"o": offer_id, "a": affiliate_id})
             # A pair whose checks of one trigger are gone (retention) while its state changes remain.
             retention = conn.execute(text(
                 "SELECT trigger_id, offer_id, affiliate_id FROM trigger_events "
@@ -412,3 +418,24 @@ def test_dead_page_says_when_rabbitmq_is_unreachable(console):
         api = client.get("/api/dead")
     assert page.status_code == api.status_code == 503
     assert "RabbitMQ is not reachable" in page.text and api.json()["error"].startswith("RabbitMQ is not reachable")
+
+
+def test_a_pair_page_draws_the_recovery_value_where_the_checks_recorded_one(console):
+    offer_id, affiliate_id = console.hostile
+    with console.client() as client:
+        html = client.get(f"/pairs/{offer_id}/{affiliate_id}").text
+        api = client.get(f"/api/pairs/{offer_id}/{affiliate_id}", params={"trigger": "1"}).json()
+    section = re.search(r'id="trigger-1".*?</section>', html, re.S).group(0)
+    path = re.search(r'<path class="recovery-line" clip-path="[^"]+" d="([^"]+)"', section).group(1)
+    assert path.startswith("M") and path.count("M") == 1  # drawn from the first check that recorded one
+    assert path.count("L") == 2 * 24 - 1
+    assert 'class="legend-recovery"' in section and "recovery 0.007" in section  # the legend, a tooltip
+    assert "for 2 checks in a row" in section and "back to OK only past the recovery value" in section
+    assert re.search(r"<dt>recovery</dt><dd>0.007</dd>", section)
+    trigger = next(t for t in api["triggers"] if t["trigger_id"] == 1)
+    assert (trigger["for_checks"], trigger["recovery"]) == (2, 0.007)
+    assert [c["recovery"] for c in trigger["checks"]["items"]] == [0.007] * 20
+    assert [cells[3] for _, cells in table_rows(section)] == ["0.007"] * 20
+    # Another trigger of the pair, without a recovery value, draws none.
+    other = re.search(r'id="trigger-(?!1")\d+".*?</section>', html, re.S).group(0)
+    assert "recovery-line" not in other and "legend-recovery" not in other

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 import httpx
@@ -175,6 +176,18 @@ def test_threshold_changes_are_drawn_as_steps():
     path = re.search(r'class="threshold-line" clip-path="[^"]+" d="([^"]+)"', svg).group(1)
     ys = {float(y) for y in re.findall(r"[ML][\d.]+,([\d.]+)", path)}
     assert len(ys) == 2  # two levels, joined by a vertical step
+
+
+def test_a_recovery_value_is_drawn_as_a_step_line_with_a_gap_where_none_was_recorded():
+    checks = [check(0, 0.01), replace(check(30, 0.004), recovery=0.007), replace(check(60, 0.006), recovery=0.007),
+              check(90, 0.009), replace(check(120, 0.002), recovery=0.0075)]
+    chart = charts.render_chart("1", "t", checks, [], None)
+    svg = str(chart.svg)
+    path = re.search(r'class="recovery-line" clip-path="[^"]+" d="([^"]+)"', svg).group(1)
+    assert path.count("M") == 2 and path.count("L") == 4  # two runs: 30-90 (then a gap), 120 on
+    assert "recovery 0.007" in svg and 'class="legend-recovery"' in svg
+    plain = str(charts.render_chart("1", "t", [check(0, 0.01), check(30, 0.004)], [], None).svg)
+    assert "recovery" not in plain
 
 
 def test_value_ticks_are_round_numbers_covering_the_data():

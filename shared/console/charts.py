@@ -2,7 +2,8 @@
 
 It draws the checks' values over time (a line and a dot per check, each with a tooltip),
 the threshold each check was evaluated with (a step line: the threshold as recorded,
-whatever it is now), the periods the pair spent in PROBLEM (shaded, from the recorded
+whatever it is now) and its recovery value where one was set (hysteresis: a PROBLEM goes
+back to OK only past it), the periods the pair spent in PROBLEM (shaded, from the recorded
 state changes) and a mark at every state change (a tooltip says from what to what, the
 value and the threshold). Every text is escaped: trigger names come from operators,
 and nothing else from the network appears in a chart.
@@ -72,6 +73,7 @@ def _render(chart_id: str, title: str, checks: Sequence[CheckPoint], changes: Se
         changes = [c for c in changes if start <= c.measured_at <= end]
     t0, t1 = _time_domain(start, end)
     values = [c.value for c in checks] + [c.threshold for c in checks]
+    values += [c.recovery for c in checks if c.recovery is not None]
     values += [v for c in changes for v in (c.value, c.threshold) if v is not None]
     v0, v1, value_ticks, step = _value_domain([v for v in values if math.isfinite(v)])
 
@@ -120,6 +122,11 @@ def _render(chart_id: str, title: str, checks: Sequence[CheckPoint], changes: Se
         (c.measured_at, c.threshold) for c in changes if c.threshold is not None]
     if steps:
         out.append(f'<path class="threshold-line" clip-path="url(#{clip})" d="{_step_path(steps, end, x, y)}"/>')
+    # The recovery value, where the checks recorded one (a gap where they did not).
+    with_recovery = any(c.recovery is not None for c in checks)
+    if with_recovery:
+        recovery = [(c.measured_at, math.nan if c.recovery is None else c.recovery) for c in checks]
+        out.append(f'<path class="recovery-line" clip-path="url(#{clip})" d="{_step_path(recovery, end, x, y)}"/>')
 
     if checks:
         line = " ".join(f"{x(c.measured_at):.1f},{y(c.value):.1f}" for c in checks if math.isfinite(c.value))
@@ -132,7 +139,9 @@ def _render(chart_id: str, title: str, checks: Sequence[CheckPoint], changes: Se
             scope = SCOPE_LABELS.get(c.threshold_scope or "", c.threshold_scope or "")
             tip = (f"{_when(c.measured_at)}\nvalue {format_number(c.value)} · threshold "
                    f"{OPERATOR_SYMBOLS.get(c.operator, c.operator)} {format_number(c.threshold)}"
-                   f"{f' ({scope})' if scope else ''}\ncheck: {c.status}")
+                   f"{f' ({scope})' if scope else ''}"
+                   f"{f' · recovery {format_number(c.recovery)}' if c.recovery is not None else ''}"
+                   f"\ncheck: {c.status}")
             status_class = " pt-problem" if c.status == "PROBLEM" else ""
             out.append(f'<circle class="pt{status_class}" cx="{x(c.measured_at):.1f}" cy="{y(c.value):.1f}" '
                        f'r="{radius}"><title>{escape(tip)}</title></circle>')
@@ -163,7 +172,7 @@ def _render(chart_id: str, title: str, checks: Sequence[CheckPoint], changes: Se
     if note:
         out.append(f'<text class="chart-note" x="{LEFT + PLOT_W}" y="18" text-anchor="end">'
                    f'checks older than retention: state changes only<title>{escape(note)}</title></text>')
-    out.append(_legend(bool(checks)))
+    out.append(_legend(bool(checks), with_recovery))
     drawn_points = sum(1 for c in checks if math.isfinite(c.value))
     return Chart(_svg(title, "".join(out), drawn_points, len(changes)), drawn_points, len(changes), note)
 
@@ -188,29 +197,34 @@ def problem_periods(before: StateChange | None, changes: Iterable[StateChange], 
 
 
 def _step_path(steps: list[tuple[datetime, float]], end: datetime, x, y) -> str:
+    """A step line; a value that is not finite (NaN: none recorded) leaves a gap."""
     parts = []
+    pen_up = True
     for i, (at, value) in enumerate(steps):
         if not math.isfinite(value):
+            pen_up = True
             continue
         until = steps[i + 1][0] if i + 1 < len(steps) else end
-        command = "M" if i == 0 or not parts else "L"
-        parts.append(f"{command}{x(at):.1f},{y(value):.1f} L{x(until):.1f},{y(value):.1f}")
+        parts.append(f"{'M' if pen_up else 'L'}{x(at):.1f},{y(value):.1f} L{x(until):.1f},{y(value):.1f}")
+        pen_up = False
     return " ".join(parts)
 
 
-def _legend(with_checks: bool) -> str:
+def _legend(with_checks: bool, with_recovery: bool = False) -> str:
     items = []
     cx = LEFT
-    entries = [("value", "legend-value"), ("threshold", "legend-threshold"), ("PROBLEM", "legend-band"),
-               ("state change", "legend-change")]
+    entries = [("value", "legend-value"), ("threshold", "legend-threshold"), ("recovery", "legend-recovery"),
+               ("PROBLEM", "legend-band"), ("state change", "legend-change")]
+    if not with_recovery:
+        entries = [e for e in entries if e[1] != "legend-recovery"]
     if not with_checks:
         entries = entries[1:]
     for label, kind in entries:
         if kind == "legend-value":
             swatch = (f'<line class="legend-value" x1="{cx}" x2="{cx + 18}" y1="14" y2="14"/>'
                       f'<circle class="legend-pt" cx="{cx + 9}" cy="14" r="2.6"/>')
-        elif kind == "legend-threshold":
-            swatch = f'<line class="legend-threshold" x1="{cx}" x2="{cx + 18}" y1="14" y2="14"/>'
+        elif kind in ("legend-threshold", "legend-recovery"):
+            swatch = f'<line class="{kind}" x1="{cx}" x2="{cx + 18}" y1="14" y2="14"/>'
         elif kind == "legend-band":
             swatch = f'<rect class="legend-band" x="{cx}" y="8" width="18" height="12"/>'
         else:

@@ -172,8 +172,8 @@ def pair_triggers(conn: Connection, offer_id: int, affiliate_id: int) -> list[di
     rows = conn.execute(
         select(
             t.id.label("trigger_id"), t.name.label("trigger"), t.metric_key.label("metric"), t.operator,
-            t.active, s.status, s.previous_status, s.since, s.measured_at, s.value, s.threshold,
-            c.threshold_scope,
+            t.active, t.for_checks, s.status, s.previous_status, s.since, s.streak, s.measured_at, s.value,
+            s.threshold, c.threshold_scope, c.recovery,
         )
         .select_from(
             triggers.outerjoin(states, on_pair_state)
@@ -195,6 +195,9 @@ class CheckPoint:
     operator: str
     status: str
     checked_at: datetime
+    # The value past which a PROBLEM goes back to OK, as the check recorded it (None: the
+    # threshold itself).
+    recovery: float | None = None
 
 
 @dataclass(frozen=True)
@@ -213,7 +216,8 @@ class StateChange:
 def _pair_checks(trigger_id: int, offer_id: int, affiliate_id: int):
     c = checks.c
     return (
-        select(c.id, c.measured_at, c.value, c.threshold, c.threshold_scope, c.operator, c.status, c.checked_at)
+        select(c.id, c.measured_at, c.value, c.threshold, c.threshold_scope, c.operator, c.status, c.checked_at,
+               c.recovery)
         .where(c.trigger_id == trigger_id, c.offer_id == offer_id, c.affiliate_id == affiliate_id)
     )
 
