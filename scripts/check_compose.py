@@ -1,4 +1,4 @@
-"""Check that docker-compose.yml runs the whole loop with no manual step.
+"""Check that docker-compose.yml runs the whole loop with no manual step, and safely.
 
     python3 scripts/check_compose.py [docker-compose.yml]
 
@@ -6,6 +6,9 @@ Resolves the file with `docker-compose config` (so with its defaults and overrid
 docker-compose sees it) and checks that the metric_loader's schedule is on by default
 (reference hourly, metrics every 15 minutes), that both intervals can be overridden
 from the environment, and that every service of ours says which queue type it declares.
+Security: the file refuses to resolve without each required secret (naming it), passes
+with them set and with the demo's demo.env, has no secret of its own, publishes ports on
+127.0.0.1 only, runs Mailpit only in the demo profile and STARTTLS on by default.
 Runs with the system python3 and its yaml module (python3-yaml, which the Debian
 docker-compose package depends on). Exit 0 = fine; 1 = the reasons, one a line.
 """
@@ -15,18 +18,34 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 
 import yaml
 
 SERVICES = ["metric_loader", "trigger_checker", "event_detector", "action_runner"]
 DEFAULTS = {"KPI_SCHEDULE_REFERENCE_SECONDS": "3600", "KPI_SCHEDULE_METRICS_SECONDS": "900"}
+# Required, with no default outside the demo (values for the checks only).
+SECRETS = {"POSTGRES_PASSWORD": "check-postgres-secret", "RABBITMQ_PASSWORD": "check-rabbitmq-secret",
+           "HASOFFERS_NETWORK_ID": "check-network", "HASOFFERS_NETWORK_TOKEN": "check-token-secret",
+           "SMTP_HOST": "smtp.check.example"}
+DEMO_ENV = "demo.env"
+
+
+def compose(path: str, *args: str, env_file: str | None = None, **env: str) -> subprocess.CompletedProcess:
+    """`docker-compose config` in an environment holding only PATH, HOME and `env`."""
+    base = {k: os.environ[k] for k in ("PATH", "HOME") if k in os.environ}
+    command = ["docker-compose", "-f", path]
+    with tempfile.NamedTemporaryFile("w", suffix=".env") as empty:
+        # No .env beside the file may fill in what the check leaves out.
+        command += ["--env-file", env_file or empty.name, *args, "config"]
+        return subprocess.run(command, env={**base, **env}, capture_output=True, text=True)
 
 
 def resolved(path: str, **env: str) -> dict:
-    clean = {k: v for k, v in os.environ.items() if k not in DEFAULTS and k != "KPI_QUEUE_TYPE"}
-    out = subprocess.run(["docker-compose", "-f", path, "config"], env={**clean, **env}, check=True,
-                         capture_output=True, text=True).stdout
-    return yaml.safe_load(out)["services"]
+    result = compose(path, **{**SECRETS, **env})
+    if result.returncode != 0:
+        raise SystemExit(f"{path}: docker-compose config failed: {result.stderr.strip()}")
+    return yaml.safe_load(result.stdout)["services"]
 
 
 def environment(services: dict, name: str) -> dict[str, str]:
@@ -49,6 +68,40 @@ def problems(path: str) -> list[str]:
         queue_type = environment(services, name).get("KPI_QUEUE_TYPE")
         if queue_type != "quorum":
             found.append(f"{name}: KPI_QUEUE_TYPE is {queue_type!r}, expected 'quorum' by default")
+    return found + security_problems(path)
+
+
+def security_problems(path: str) -> list[str]:
+    found = []
+    for name in SECRETS:
+        result = compose(path, **{k: v for k, v in SECRETS.items() if k != name})
+        if result.returncode == 0:
+            found.append(f"resolves without {name}: it must be required outside the demo")
+        elif f"{name} is required" not in result.stderr:
+            found.append(f"without {name}, docker-compose config does not say so: {result.stderr.strip()[-300:]}")
+    services = resolved(path)
+    text = yaml.safe_dump(services)
+    for name, value in SECRETS.items():
+        if name.endswith(("PASSWORD", "TOKEN")) and value not in text:
+            found.append(f"{name} is set but used by no service")
+    for name in SERVICES + ["console", "migrate"]:
+        environment_ = environment(services, name)
+        for variable, value in environment_.items():
+            if variable.endswith(("PASSWORD", "TOKEN")) and value and value not in SECRETS.values():
+                found.append(f"{name}: {variable} has a value of its own ({variable} must come from the environment)")
+        if environment_.get("SMTP_STARTTLS") != "true":
+            found.append(f"{name}: SMTP_STARTTLS is {environment_.get('SMTP_STARTTLS')!r}, expected 'true' by default")
+    for name, service in services.items():
+        for port in service.get("ports") or []:
+            text_ = port if isinstance(port, str) else f"{port.get('host_ip', '')}:{port.get('published')}"
+            if not str(text_).startswith("127.0.0.1:"):
+                found.append(f"{name}: port {port} is published on every interface, expected 127.0.0.1 only")
+    if "demo" not in (services.get("mailpit", {}).get("profiles") or []):
+        found.append("mailpit runs outside the demo profile")
+    demo_env = os.path.join(os.path.dirname(os.path.abspath(path)), DEMO_ENV)
+    demo = compose(path, "--profile", "demo", env_file=demo_env)
+    if demo.returncode != 0:
+        found.append(f"the demo does not resolve with {DEMO_ENV}: {demo.stderr.strip()[-300:]}")
     return found
 
 
@@ -59,7 +112,8 @@ def main() -> int:
         print(f"{path}: {problem}", file=sys.stderr)
     if not found:
         print(f"{path}: the schedule is on (reference every 3600 s, metrics every 900 s, both overridable); "
-              "quorum queues")
+              "quorum queues; no default secret (each required one named when missing), ports on 127.0.0.1, "
+              "STARTTLS on, the demo resolves with demo.env")
     return 1 if found else 0
 
 

@@ -160,7 +160,7 @@ def main() -> int:
         env = {"DATABASE_URL": database_url, "AMQP_URL": amqp_url,
                "KPI_EXCHANGE": exchange, "HASOFFERS_BASE_URL": f"http://127.0.0.1:{fake_port}/Apiv3/json",
                "HASOFFERS_NETWORK_ID": "demo", "HASOFFERS_NETWORK_TOKEN": TOKEN, "SMTP_HOST": "127.0.0.1",
-               "SMTP_PORT": str(smtp.port), "MAIL_FROM": "kpi@demo.local", "KPI_RETRY_DELAY_MS": "1000",
+               "SMTP_PORT": str(smtp.port), "SMTP_STARTTLS": "false", "MAIL_FROM": "kpi@demo.local", "KPI_RETRY_DELAY_MS": "1000",
                "KPI_CLICK_COST": "0.01"}
 
         def spawn(name: str, module: str | None = None, args: list[str] | None = None) -> ServiceProcess:

@@ -1,20 +1,77 @@
-"""All configuration, read from the environment (or a .env file) once, in main()."""
+"""All configuration, read from the environment (or a .env file) once, in main().
+
+Every secret (a field typed SecretStr) can also be read from a file named by
+`<NAME>_FILE` (the Docker secrets convention): `DATABASE_PASSWORD_FILE=/run/secrets/db`.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+import os
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
+from sqlalchemy.engine import make_url
+
+
+def _is_secret(field: FieldInfo) -> bool:
+    return field.annotation is SecretStr or SecretStr in getattr(field.annotation, "__args__", ())
+
+
+class SecretFiles(PydanticBaseSettingsSource):
+    """`<NAME>_FILE` in the environment: the secret NAME is the file's content (one
+    trailing line break removed). Setting both NAME and NAME_FILE is an error."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        variable = f"{field_name.upper()}_FILE"
+        path = os.environ.get(variable)
+        if not path or not _is_secret(field):
+            return None, field_name, False
+        if os.environ.get(field_name.upper()) is not None:
+            raise SettingsError(f"set {field_name.upper()} or {variable}, not both")
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise SettingsError(f"{variable}: cannot read {path}: {exc.strerror or exc}") from None
+        return text.removesuffix("\n").removesuffix("\r"), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        values = {}
+        for name, field in self.settings_cls.model_fields.items():
+            value, _, _ = self.get_field_value(field, name)
+            if value is not None:
+                values[name] = value
+        return values
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
 
-    # Connections. URLs may carry passwords, so they are secrets too.
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, SecretFiles(settings_cls), dotenv_settings, file_secret_settings
+
+    # Connections. URLs may carry passwords, so they are secrets too; a password may
+    # also come on its own (DATABASE_PASSWORD, AMQP_PASSWORD), which replaces the URL's.
     database_url: SecretStr = SecretStr("postgresql+psycopg2://postgres@127.0.0.1:5432/kpi")
-    # One URL, or the nodes of a cluster comma-separated (tried in turn).
+    database_password: SecretStr | None = None
+    # TLS to PostgreSQL: libpq's sslmode (`verify-full` checks the certificate and the
+    # host name) and the CA certificates it trusts.
+    database_sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] | None = None
+    database_sslrootcert: str | None = None
+    # One URL, or the nodes of a cluster comma-separated (tried in turn). `amqps://` is
+    # TLS with the certificate and host name verified, against the system's CAs or
+    # AMQP_CA_FILE's.
     amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/%2F")
+    amqp_password: SecretStr | None = None
+    amqp_ca_file: str | None = None
     kpi_exchange: str = Field("kpi.events", min_length=1, max_length=200)
     # Queues (shared/rabbitmq/topology.py). Every process of a deployment must agree;
     # `kpi queues upgrade` moves existing queues to new settings.
@@ -35,7 +92,11 @@ class Settings(BaseSettings):
     smtp_port: int = Field(25, gt=0, lt=65536)
     smtp_user: str | None = None
     smtp_password: SecretStr | None = None
-    smtp_starttls: bool = False
+    # STARTTLS with the certificate and host name verified (against the system's CAs or
+    # SMTP_CA_FILE's); a server that does not offer it gets no mail. Turn it off only for
+    # a sink on the same host.
+    smtp_starttls: bool = True
+    smtp_ca_file: str | None = None
     smtp_timeout_seconds: float = Field(30.0, gt=0)
     mail_from: str = "kpi@localhost"
 
@@ -75,3 +136,39 @@ class Settings(BaseSettings):
     # The operators' console (`kpi web`): HTTP Basic credentials.
     kpi_web_user: str | None = None
     kpi_web_password: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _connection_urls(self) -> Settings:
+        """Fold the separate password and TLS settings into the URLs every caller uses."""
+        if self.database_password is not None or self.database_sslmode or self.database_sslrootcert:
+            url = make_url(self.database_url.get_secret_value())
+            if self.database_password is not None:
+                url = url.set(password=self.database_password.get_secret_value())
+            query = dict(url.query)
+            if self.database_sslmode:
+                query["sslmode"] = self.database_sslmode
+            if self.database_sslrootcert:
+                query["sslrootcert"] = self.database_sslrootcert
+            self.database_url = SecretStr(url.set(query=query).render_as_string(hide_password=False))
+        if self.amqp_password is not None or self.amqp_ca_file:
+            password = self.amqp_password.get_secret_value() if self.amqp_password is not None else None
+            self.amqp_url = SecretStr(",".join(
+                _amqp_node(node.strip(), password, self.amqp_ca_file)
+                for node in self.amqp_url.get_secret_value().split(",") if node.strip()))
+        return self
+
+
+def _amqp_node(url: str, password: str | None, ca_file: str | None) -> str:
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if password is not None:
+        user = parts.username or "guest"
+        host = netloc.rpartition("@")[2]
+        # Commas too: AMQP_URL's nodes are separated by them.
+        netloc = f"{user}:{quote(password, safe='')}@{host}"
+    query = parts.query
+    if ca_file and parts.scheme == "amqps":
+        # pika's own URL option: a TLS context that trusts these CAs and checks the host name.
+        options = {"cafile": ca_file, "server_hostname": parts.hostname}
+        query = urlencode([*parse_qsl(query), ("ssl_options", repr(options))], quote_via=quote, safe="")
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))

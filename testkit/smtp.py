@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import email
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ class ReceivedMail:
     raw: bytes
     message: EmailMessage
     at: float  # time.time() when it was accepted
+    over_tls: bool = False  # sent after STARTTLS
     # Parsing a header costs ~50 us; the fault suite asks thousands of mails for theirs.
     _headers: dict[str, str | None] = field(default_factory=dict, compare=False, repr=False)
 
@@ -57,8 +59,10 @@ class FakeSmtpServer:
     kills the sender in the middle of its send.
     """
 
-    def __init__(self, port: int | None = None, delay: float = 0.0):
+    def __init__(self, port: int | None = None, delay: float = 0.0, tls_context: ssl.SSLContext | None = None):
         self.port = port or free_port()
+        # With a context: STARTTLS offered, and required before any mail.
+        self.tls_context = tls_context
         self.delay = delay
         self.together = 0
         self.most_at_once = 0
@@ -91,14 +95,16 @@ class FakeSmtpServer:
         raw = envelope.content if isinstance(envelope.content, bytes) else envelope.content.encode()
         message = email.message_from_bytes(raw, policy=policy.default)
         with self._lock:
-            self.received.append(ReceivedMail(envelope.mail_from, list(envelope.rcpt_tos), raw, message, time.time()))
+            self.received.append(ReceivedMail(envelope.mail_from, list(envelope.rcpt_tos), raw, message, time.time(),
+                                              over_tls=session.ssl is not None))
             hook, self.on_next_mail = self.on_next_mail, None
         if hook is not None:
             hook(session.peer[1])
         return "250 OK"
 
     def start(self) -> FakeSmtpServer:
-        self._controller = Controller(self, hostname="127.0.0.1", port=self.port)
+        tls = {"tls_context": self.tls_context, "require_starttls": True} if self.tls_context else {}
+        self._controller = Controller(self, hostname="127.0.0.1", port=self.port, **tls)
         self._controller.start()
         return self
 
@@ -114,4 +120,4 @@ class FakeSmtpServer:
     @property
     def env(self) -> dict[str, str]:
         return {"SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(self.port), "MAIL_FROM": "kpi@kpi.example",
-                "SMTP_TIMEOUT_SECONDS": "5"}
+                "SMTP_TIMEOUT_SECONDS": "5", "SMTP_STARTTLS": "false"}  # a sink on this host

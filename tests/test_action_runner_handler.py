@@ -503,7 +503,7 @@ def test_without_hasoffers_credentials_api_operations_fail_clearly(world, mailer
 
 def test_smtp_mailer_sends_and_sorts_failures():
     server = FakeSmtpServer().start()
-    mailer = SmtpMailer("127.0.0.1", server.port, sender="kpi@kpi.example", timeout=5)
+    mailer = SmtpMailer("127.0.0.1", server.port, sender="kpi@kpi.example", starttls=False, timeout=5)
     mail = Mail(recipients=("a@x.example", "b@x.example"), subject="s", html="<p>h</p>", text="h\n",
                 message_id="<kpi-1@kpi.example>", run_id=1)
     try:
@@ -527,7 +527,7 @@ def test_smtp_mailer_sends_and_sorts_failures():
 def test_smtp_mailer_never_shows_its_password():
     server = FakeSmtpServer().start()  # offers no AUTH: login fails
     mailer = SmtpMailer("127.0.0.1", server.port, sender="kpi@kpi.example", user="kpi", password="pw-s3cret",
-                        timeout=5)
+                        starttls=False, timeout=5)
     try:
         with pytest.raises(MailTransientError) as caught:
             mailer.send(Mail(("a@x.example",), "s", "<p>h</p>", "h", "<kpi-1@kpi.example>", 1))

@@ -100,13 +100,15 @@ class SmtpMailer:
     REUSE_WITHOUT_CHECK_SECONDS = 1.0
 
     def __init__(self, host: str, port: int, *, sender: str, user: str | None = None,
-                 password: str | None = None, starttls: bool = False, timeout: float = 30.0):
+                 password: str | None = None, starttls: bool = True, ca_file: str | None = None,
+                 timeout: float = 30.0):
         self.host = host
         self.port = port
         self.sender = sender
         self.user = user
         self._password = password
         self.starttls = starttls
+        self.ca_file = ca_file
         self.timeout = timeout
         self._smtp: smtplib.SMTP | None = None
         self._used_at = 0.0
@@ -116,7 +118,8 @@ class SmtpMailer:
     def from_settings(cls, settings: Settings) -> SmtpMailer:
         password = settings.smtp_password.get_secret_value() if settings.smtp_password else None
         return cls(settings.smtp_host, settings.smtp_port, sender=settings.mail_from, user=settings.smtp_user,
-                   password=password, starttls=settings.smtp_starttls, timeout=settings.smtp_timeout_seconds)
+                   password=password, starttls=settings.smtp_starttls, ca_file=settings.smtp_ca_file,
+                   timeout=settings.smtp_timeout_seconds)
 
     def __repr__(self) -> str:  # never the password
         return f"SmtpMailer({self.host}:{self.port}, user={self.user!r}, starttls={self.starttls})"
@@ -141,7 +144,9 @@ class SmtpMailer:
         smtp = smtplib.SMTP(self.host, self.port, timeout=self.timeout)
         try:
             if self.starttls:
-                smtp.starttls(context=ssl.create_default_context())
+                # Certificate and host name checked: a server without STARTTLS, or with a
+                # certificate we cannot verify, gets no mail (a transient failure).
+                smtp.starttls(context=ssl.create_default_context(cafile=self.ca_file))
             if self.user:
                 smtp.login(self.user, self._password or "")
         except BaseException:
