@@ -31,7 +31,7 @@ class RecordingBus:
     def connect(self) -> "RecordingBus":
         return self
 
-    def publish(self, event) -> None:
+    def publish(self, event, mandatory: bool = True) -> None:
         self.sent.append(event.data["metric_key"])
 
     def close(self) -> None:
