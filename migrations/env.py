@@ -6,6 +6,7 @@ from alembic import context
 from sqlalchemy import pool
 
 from shared.db import Base, make_engine
+from shared.partitions import is_partition
 from shared.settings import Settings
 
 config = context.config
@@ -13,6 +14,11 @@ if config.config_file_name is not None and config.attributes.get("configure_logg
     fileConfig(config.config_file_name, disable_existing_loggers=False)
 
 target_metadata = Base.metadata
+
+
+def include_name(name: str | None, type_: str, _parent: object) -> bool:
+    """Partitions are made and dropped by the services, not described by the models."""
+    return not (type_ == "table" and is_partition(name))
 
 
 def database_url() -> str:
@@ -29,7 +35,8 @@ def run_migrations_offline() -> None:
 def run_migrations_online() -> None:
     engine = make_engine(database_url(), poolclass=pool.NullPool)
     with engine.connect() as connection:
-        context.configure(connection=connection, target_metadata=target_metadata, compare_type=True)
+        context.configure(connection=connection, target_metadata=target_metadata, compare_type=True,
+                          include_name=include_name)
         with context.begin_transaction():
             context.run_migrations()
     engine.dispose()

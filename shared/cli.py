@@ -9,6 +9,7 @@
     kpi dead replay SERVICE          put dead letters back on the exchange
     kpi web [--host H] [--port P]    the operators' console (HTTP Basic: KPI_WEB_USER, KPI_WEB_PASSWORD)
     kpi queues upgrade               redeclare the queues as configured (classic -> quorum)
+    kpi partitions list|ensure|prune day partitions of metric_values, trigger_checks; KPI_RETENTION_DAYS
     kpi silence add|list|end         silences: operations of matching events are recorded `silenced`
     kpi held list|release|discard    rejects held by KPI_MAX_REJECTS_PER_HOUR
     kpi backtest --from TS [--to TS] what the current rules would have done with the stored values
@@ -27,14 +28,14 @@ import os
 import sys
 from collections import Counter
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 from pydantic import ValidationError
 from sqlalchemy import Engine, Select, func, literal, select
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
-from shared import held, migrate, silences
+from shared import held, migrate, partitions, silences
 from shared.rabbitmq import (
     CONNECTION_ERRORS, SERVICE_BINDINGS, BrokerUnavailableError, Bus, PublishError, QueueMismatchError,
     dead_letter_count,
@@ -253,6 +254,38 @@ def cmd_queues(settings: Settings, args: argparse.Namespace) -> None:
           f"{sum(q.moved for q in report.queues)} message(s) moved")
 
 
+def cmd_partitions(settings: Settings, args: argparse.Namespace) -> None:
+    retention = settings.kpi_retention_days if args.retention_days is None else args.retention_days
+    engine = _engine(settings)
+    try:
+        now = datetime.now(timezone.utc)
+        if args.action in ("ensure", "prune"):
+            if args.action == "ensure":
+                made = partitions.ensure(engine, now.date())
+                done = None if made is None else f"created {len(made)} partition(s)"
+            else:
+                pruned = partitions.prune(engine, retention, now)
+                done = None if pruned is None else (
+                    f"retention {retention} day(s): dropped {len(pruned.dropped)} partition(s), "
+                    f"deleted {pruned.default_rows_deleted} row(s) of the default partitions")
+            if done is None:
+                raise CliError("another process is maintaining the partitions right now; run it again")
+            print(done)
+        with engine.connect() as conn:
+            tables = partitions.describe(conn)
+    finally:
+        engine.dispose()
+    if args.json:
+        print(json.dumps({"retention_days": retention, "tables": [
+            {"table": t.table, "days": [d.isoformat() for d in t.days], "default_rows": t.default_rows}
+            for t in tables]}))
+        return
+    _table(["table", "partitions", "oldest day", "newest day", "rows in default"],
+           [[t.table, len(t.days), t.days[0] if t.days else "-", t.days[-1] if t.days else "-", t.default_rows]
+            for t in tables])
+    print(f"KPI_RETENTION_DAYS={retention}" + (" (keep everything)" if retention == 0 else ""))
+
+
 # -- silences and held rejects ---------------------------------------------------------------
 
 
@@ -455,6 +488,13 @@ def parser() -> argparse.ArgumentParser:
                                            "moving their messages; stop the services first")
     queues.add_argument("action", choices=["upgrade"])
     queues.set_defaults(run=cmd_queues)
+    partitions_ = sub.add_parser("partitions", help="the day partitions of metric_values and trigger_checks: "
+                                                    "list, create ahead, or drop those past retention")
+    partitions_.add_argument("action", choices=["list", "ensure", "prune"])
+    partitions_.add_argument("--retention-days", type=int, default=None,
+                             help="(prune) days to keep; default KPI_RETENTION_DAYS; 0 keeps everything")
+    partitions_.add_argument("--json", action="store_true")
+    partitions_.set_defaults(run=cmd_partitions)
     silence = sub.add_parser("silence", help="add, list or end silences")
     silence.add_argument("action", choices=["add", "list", "end"])
     silence.add_argument("ids", nargs="*", type=int, help="(end) the silences to end")

@@ -302,10 +302,19 @@ Index(
 # --- What the system writes -----------------------------------------------------------
 
 
+# metric_values and trigger_checks are partitioned by day of measured_at (migration
+# 0010, shared/partitions.py): every unique key holds measured_at, the primary key too.
+PARTITIONED_BY_DAY = {"postgresql_partition_by": "RANGE (measured_at)"}
+
+
 class MetricValue(Base):
     __tablename__ = "metric_values"
-    __table_args__ = (UniqueConstraint("metric_key", "offer_id", "affiliate_id", "measured_at"),)
-    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    __table_args__ = (
+        PrimaryKeyConstraint("id", "measured_at"),
+        UniqueConstraint("metric_key", "offer_id", "affiliate_id", "measured_at"),
+        PARTITIONED_BY_DAY,
+    )
+    id: Mapped[int] = mapped_column(BigInteger, autoincrement=True)
     metric_key: Mapped[str] = mapped_column(Text, ForeignKey("metrics.key"))
     offer_id: Mapped[int] = mapped_column(Integer)
     affiliate_id: Mapped[int] = mapped_column(Integer)
@@ -323,8 +332,10 @@ class TriggerCheck(Base):
         CheckConstraint(_in("operator", OPERATORS), name="operator"),
         CheckConstraint(f"threshold_scope IS NULL OR {_in('threshold_scope', CHECK_SCOPES)}",
                         name="threshold_scope"),
+        PrimaryKeyConstraint("id", "measured_at"),
+        PARTITIONED_BY_DAY,
     )
-    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    id: Mapped[int] = mapped_column(BigInteger, autoincrement=True)
     trigger_id: Mapped[int] = mapped_column(ForeignKey("triggers.id", ondelete="CASCADE"))
     offer_id: Mapped[int] = mapped_column(Integer)
     affiliate_id: Mapped[int] = mapped_column(Integer)

@@ -7,28 +7,26 @@ go into emails and reject notes are the row's.
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection, select
 
-from shared.db import Trigger, TriggerCheck, TriggerEvent
+from shared.db import Trigger, TriggerEvent
 from shared.events import TriggerEventMessage
 
 
 def trigger_event_message(conn: Connection, trigger_event_id: int) -> TriggerEventMessage | None:
     """The trigger.event.* data of a recorded event, or None when there is no such row."""
-    e, c = TriggerEvent, TriggerCheck
+    e = TriggerEvent
+    # The event's own facts: its check may be past retention (migration 0010 copied the
+    # check's value into events recorded without one).
     row = conn.execute(
         select(e.id, e.trigger_id, Trigger.name, e.offer_id, e.affiliate_id, e.previous_status, e.status,
-               # An event older than migration 0002 has no value of its own: its check's.
-               func.coalesce(e.value, c.value).label("value"),
-               func.coalesce(e.threshold, c.threshold).label("threshold"), e.measured_at, e.check_id)
+               e.value, e.threshold, e.measured_at, e.check_id)
         .join(Trigger, Trigger.id == e.trigger_id)
-        .outerjoin(c, c.id == e.check_id)
         .where(e.id == trigger_event_id)
     ).first()
     if row is None:
         return None
-    # Built without validation: these are our own rows (value may still be NULL in rows
-    # older than migration 0002 whose check is gone).
+    # Built without validation: these are our own rows.
     return TriggerEventMessage.model_construct(
         trigger_event_id=row.id, trigger_id=row.trigger_id, trigger_name=row.name, offer_id=row.offer_id,
         affiliate_id=row.affiliate_id, previous_status=row.previous_status, status=row.status, value=row.value,

@@ -117,6 +117,9 @@ class Settings(BaseSettings):
     # A metric value measured later than now + this is invalid (a clock gone wrong, or a
     # year-9999 typo that would freeze its pair's state).
     kpi_max_clock_skew_seconds: int = Field(3600, ge=0, le=7 * 24 * 3600)
+    # metric_values and trigger_checks: days kept (whole day partitions dropped by the
+    # trigger_checker, shared/partitions.py); 0 = keep everything.
+    kpi_retention_days: int = Field(90, ge=0, le=100 * 366)
 
     # Observability
     kpi_log_level: str = "INFO"
