@@ -87,6 +87,8 @@ def service_env(database_url: str, exchange: str) -> dict[str, str]:
         "KPI_RETRY_LIMIT": "3",
         "KPI_STARTUP_ATTEMPTS": "3",
         "KPI_LOG_LEVEL": "INFO",
+        # Tests measure at fixed dates: retention must not take their rows as they age.
+        "KPI_RETENTION_DAYS": "0",
     }
 
 
