@@ -73,6 +73,7 @@ def run_service(service: str, consumes: str, make_handler: Callable[[Context], H
         heartbeat=settings.kpi_heartbeat_seconds,
         queues=queue_options(settings),
         on_outcome=metrics.record,
+        profile_dir=settings.kpi_profile,
     )
 
     def on_signal(signum: int, _frame: object) -> None:

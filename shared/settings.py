@@ -125,6 +125,9 @@ class Settings(BaseSettings):
     kpi_log_level: str = "INFO"
     kpi_log_json: bool = False
     kpi_metrics_port: int = Field(0, ge=0, lt=65536)  # 0 = no metrics/health endpoint
+    # A directory: the consumer's threads run under cProfile and write their profiles
+    # there at shutdown (shared/profiling.py; the benchmarks' --profile). Costs CPU.
+    kpi_profile: str | None = None
 
     # Metric computation (DESIGN.md section 5)
     kpi_lookback_hours: int = Field(24, gt=0, le=24 * 93)

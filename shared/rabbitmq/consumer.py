@@ -34,6 +34,7 @@ import pika
 
 from shared.events import Envelope, InvalidMessageError, parse_envelope
 from shared.handling import Delivery, Handler, HandlerResult
+from shared.profiling import profiled
 from shared.rabbitmq import headers as h
 from shared.rabbitmq.publisher import CONNECTION_ERRORS, BrokerUnavailableError, Bus, describe_amqp_error
 from shared.rabbitmq.topology import QueueOptions, consumes, queue_names, routing_key_for
@@ -91,6 +92,7 @@ class Consumer:
         heartbeat: int = 30,
         queues: QueueOptions = QueueOptions(),
         on_outcome: Callable[[str, str, float], None] | None = None,
+        profile_dir: str | None = None,
     ):
         self.names = queue_names(exchange, service)
         self.service = service
@@ -101,6 +103,7 @@ class Consumer:
         self.startup_attempts = startup_attempts
         self.bus = Bus(amqp_url, exchange, heartbeat=heartbeat, name=f"hasoffers-kpi {service}", queues=queues)
         self.on_outcome = on_outcome
+        self.profile_dir = profile_dir  # KPI_PROFILE: each thread's CPU profile written there (shared.profiling)
         self.stats = Stats()
         self.ready = threading.Event()
         self._stopping = threading.Event()
@@ -121,6 +124,10 @@ class Consumer:
     # -- the connection thread ------------------------------------------------------------
 
     def run(self) -> None:
+        with profiled(self.profile_dir, self.service, "connection"):
+            self._run()
+
+    def _run(self) -> None:
         self._worker = threading.Thread(target=self._work, name=f"{self.service}-worker", daemon=True)
         self._worker.start()
         failures = 0
@@ -250,27 +257,31 @@ class Consumer:
 
     def _work(self) -> None:
         try:
-            while not self._stopping.is_set():
-                try:
-                    incoming = self._incoming.get(timeout=0.2)
-                except queue.Empty:
-                    continue
-                if self._stopping.is_set():
-                    break  # not started: the broker hands it back when the channel closes
-                with self._state:
-                    stale = incoming.generation != self._generation
-                if stale:
-                    # Came on a connection that is gone: the broker delivers it again.
-                    continue
-                self._busy.set()
-                try:
-                    self._handle(incoming)
-                except Exception:  # a bug in this module: never let the worker die
-                    logger.exception("event_id=%s could not be handled", incoming.properties.message_id or "-")
-                finally:
-                    self._busy.clear()
+            with profiled(self.profile_dir, self.service, "worker"):
+                self._work_until_stopped()
         finally:
             self._worker_done.set()
+
+    def _work_until_stopped(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                incoming = self._incoming.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if self._stopping.is_set():
+                break  # not started: the broker hands it back when the channel closes
+            with self._state:
+                stale = incoming.generation != self._generation
+            if stale:
+                # Came on a connection that is gone: the broker delivers it again.
+                continue
+            self._busy.set()
+            try:
+                self._handle(incoming)
+            except Exception:  # a bug in this module: never let the worker die
+                logger.exception("event_id=%s could not be handled", incoming.properties.message_id or "-")
+            finally:
+                self._busy.clear()
 
     def _handle(self, incoming: _Incoming) -> None:
         started = time.monotonic()
