@@ -8,6 +8,7 @@ import pytest
 from shared.handling import HandlerResult, RetryableError
 from shared.rabbitmq import H_HISTORY, H_REASON, H_RETRIES, Bus, Consumer, PublishError, queue_names, read_dead_letters, replay_dead_letters
 from shared.events import METRIC_LOADED, new_event
+from shared.profiling import top_functions
 from testkit.broker import consuming
 from testkit.processes import ServiceProcess
 from testkit.waiting import wait_for
@@ -226,3 +227,17 @@ def test_stop_hands_back_what_it_holds_instead_of_draining_the_queue(bus, exchan
     names = queue_names(exchange, "trigger_checker")
     wait_for(lambda: queue_depth(names.work) == 19)
     assert queue_depth(names.retry) == 0 and queue_depth(names.dead) == 0
+
+
+def test_a_profiled_consumer_writes_each_threads_cpu_profile_when_it_stops(bus, exchange, tmp_path):
+    def busy_handler(envelope, delivery):
+        sum(i * i for i in range(200_000))  # CPU the profile must show, in this function
+
+    with running(make_consumer(exchange, busy_handler, profile_dir=str(tmp_path))) as consumer:
+        bus.publish(metric_event())
+        wait_for(lambda: consumer.stats.handled == 1, what="the message to be handled")
+        assert not list(tmp_path.glob("*.prof"))  # written at shutdown
+    profiles = sorted(p.name for p in tmp_path.glob("*.prof"))
+    assert profiles == ["trigger_checker.connection.prof", "trigger_checker.worker.prof"]
+    top = top_functions([tmp_path / "trigger_checker.worker.prof"], limit=5)
+    assert "busy_handler" in top and "total CPU in profiled threads" in top
