@@ -242,7 +242,7 @@ def pipeline(label: str, seed_with: Callable[[Engine], None], prefetch: int | No
         engine = make_engine(database_url)
         seed_with(engine)
         env = {"DATABASE_URL": database_url, "AMQP_URL": amqp_url, "KPI_EXCHANGE": exchange,
-               "KPI_LOG_LEVEL": "INFO"}
+               "KPI_LOG_LEVEL": "INFO", "KPI_RETENTION_DAYS": "0"}  # fixed dates: keep every row
         if prefetch is not None:
             env["KPI_PREFETCH"] = str(prefetch)
         if profile_dir is not None:
