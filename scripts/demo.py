@@ -33,6 +33,8 @@ from testkit.waiting import wait_for
 
 SERVICES = list(SERVICE_BINDINGS)
 TOKEN = "NETdemo" + uuid.uuid4().hex[:16]
+# The fake network reports its stats in New York time (not UTC), as real networks do.
+NETWORK_TIMEZONE = "America/New_York"
 
 
 def say(message: str) -> None:
@@ -161,7 +163,7 @@ def main() -> int:
                "KPI_EXCHANGE": exchange, "HASOFFERS_BASE_URL": f"http://127.0.0.1:{fake_port}/Apiv3/json",
                "HASOFFERS_NETWORK_ID": "demo", "HASOFFERS_NETWORK_TOKEN": TOKEN, "SMTP_HOST": "127.0.0.1",
                "SMTP_PORT": str(smtp.port), "SMTP_STARTTLS": "false", "MAIL_FROM": "kpi@demo.local", "KPI_RETRY_DELAY_MS": "1000",
-               "KPI_CLICK_COST": "0.01"}
+               "KPI_CLICK_COST": "0.01", "HASOFFERS_TIMEZONE": NETWORK_TIMEZONE}
 
         def spawn(name: str, module: str | None = None, args: list[str] | None = None) -> ServiceProcess:
             process = ServiceProcess(name, env, log_dir, module=module, args=args or [], log_name=f"{name}.log")
@@ -170,9 +172,10 @@ def main() -> int:
 
         spawn("fake_hasoffers", "testkit.fake_hasoffers",
               ["--host", "127.0.0.1", "--port", str(fake_port), "--seed", str(args.seed), "--offers",
-               str(args.offers), "--affiliates", str(args.affiliates), "--network-id", "demo", "--token", TOKEN])
+               str(args.offers), "--affiliates", str(args.affiliates), "--network-id", "demo", "--token", TOKEN, "--timezone", NETWORK_TIMEZONE])
         wait_for(lambda: port_open(fake_port), 20, 0.5, "the fake HasOffers to listen")
-        say(f"fake HasOffers on port {fake_port} ({args.offers} offers, {args.affiliates} affiliates), "
+        say(f"fake HasOffers on port {fake_port} ({args.offers} offers, {args.affiliates} affiliates, "
+            f"stats in {NETWORK_TIMEZONE} time as a real network reports them), "
             f"SMTP sink on port {smtp.port}")
         services = [spawn(service) for service in SERVICES]
         bus = Bus(amqp_url, exchange, name="hasoffers-kpi demo").connect()

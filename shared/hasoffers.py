@@ -5,15 +5,28 @@ Facts of the API it relies on: every answer is HTTP 200 with an envelope
 parameters use PHP brackets; the rate limit is 50 calls per 10 s per network and is
 reported as an error whose message contains "API usage exceeded rate limit".
 
+The endpoint is the network's own API host, `https://<NETWORKID>.api.hasoffers.com/Apiv3/json`
+(HASOFFERS_BASE_URL with a `{network_id}` placeholder); `NetworkId` in the query string,
+which the API documents as deprecated since 2017, is sent only to a URL without the
+placeholder (the legacy shared host, a proxy, the fake).
+
 The network token travels in a form-encoded POST body, never in the URL, and is
 scrubbed from every error message this module produces. httpx's own request logging
 is silenced in shared.logs because a URL may carry parameters.
+
+What the API does not promise and this client therefore checks: a write answers
+`status 1` with `data: false` when nothing was changed (HasOffersWriteRefusedError);
+a report's rows move between pages unless a sort is given (pages are asked for in a
+stable order, and a row met twice is counted once); an empty report comes back as
+`[]`, `{}` or `null`. The rate limit is the network's, shared by every process that
+calls it (CallWindow; shared/hasoffers_rate.py keeps it in PostgreSQL).
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
@@ -41,6 +54,11 @@ class HasOffersApiError(HasOffersError):
 
 class HasOffersResponseError(HasOffersError):
     """The body is not the envelope the API always sends (malformed, truncated, HTML)."""
+
+
+class HasOffersWriteRefusedError(HasOffersApiError):
+    """A write answered `status 1` without saying it was applied (`data` false, empty or
+    unreadable): a failure of that operation, not worth retrying as it is."""
 
 
 class HasOffersUnavailableError(RetryableError):
@@ -86,6 +104,38 @@ def _scalar(value: Any) -> str:
     return str(value)
 
 
+class CallWindow:
+    """The rate limit as one process sees it: at most `calls` calls in any `seconds`.
+
+    `acquire` blocks until a call may go out and returns a handle; `done(handle)` is
+    called once its answer is in (or it failed), because the server counted the call no
+    later than that. This one counts in this process only; SharedCallWindow
+    (shared/hasoffers_rate.py) counts every process of the network together."""
+
+    def __init__(self, calls: int = 50, seconds: float = 10.0, sleep: Callable[[float], None] = time.sleep):
+        self.calls, self.seconds, self._sleep = calls, seconds, sleep
+        self._recent: deque[float] = deque()
+        self._in_flight = 0
+        self._lock = threading.Lock()
+
+    def acquire(self) -> object:
+        while True:
+            with self._lock:
+                now = time.monotonic()
+                while self._recent and self._recent[0] <= now - self.seconds:
+                    self._recent.popleft()
+                if len(self._recent) + self._in_flight < self.calls:
+                    self._in_flight += 1
+                    return None
+                wait = (self._recent[0] + self.seconds - now) if self._recent else 0.05
+            self._sleep(max(wait, 0.001))
+
+    def done(self, handle: object) -> None:
+        with self._lock:
+            self._in_flight -= 1
+            self._recent.append(time.monotonic())
+
+
 class HasOffersClient:
     def __init__(
         self,
@@ -101,10 +151,14 @@ class HasOffersClient:
         window_seconds: float = 10.0,
         transport: httpx.BaseTransport | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        call_window: CallWindow | Any | None = None,
     ):
         if not network_id or not network_token:
             raise ValueError("HASOFFERS_NETWORK_ID and HASOFFERS_NETWORK_TOKEN must be set")
-        self.base_url = base_url
+        # The network's own host (the documented form) names the network; any other URL
+        # gets it in the query string as well.
+        self.base_url = base_url.replace("{network_id}", network_id)
+        self._query = {} if "{network_id}" in base_url else {"NetworkId": network_id}
         self.network_id = network_id
         self._token = network_token
         self._token_pattern = token_pattern(network_token)
@@ -114,16 +168,23 @@ class HasOffersClient:
         self._sleep = sleep
         # Stay under the network's limit (50 calls / 10 s) instead of running into it:
         # a rate-limit answer costs a whole pause, a wait here only what is needed.
-        self.calls_per_window = calls_per_window
-        self.window_seconds = window_seconds
-        self._recent_calls: deque[float] = deque()
+        self.call_window = call_window or CallWindow(calls_per_window, window_seconds, sleep)
         self._http = httpx.Client(timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)), transport=transport)
 
     @classmethod
-    def from_settings(cls, settings: Any, **kwargs: Any) -> HasOffersClient:
+    def from_settings(cls, settings: Any, engine: Any = None, **kwargs: Any) -> HasOffersClient:
+        """With an engine, the rate limit is counted in PostgreSQL for every process of the
+        network (HASOFFERS_RATE_LIMIT_SHARED, on by default); without one, per process."""
         token = settings.hasoffers_network_token.get_secret_value() if settings.hasoffers_network_token else ""
+        calls, seconds = settings.hasoffers_rate_limit_calls, settings.hasoffers_rate_limit_seconds
+        if engine is not None and settings.hasoffers_rate_limit_shared and "call_window" not in kwargs:
+            from shared.hasoffers_rate import SharedCallWindow  # noqa: PLC0415 (needs the database)
+
+            kwargs["call_window"] = SharedCallWindow(engine, settings.hasoffers_network_id or "", calls, seconds,
+                                                     in_flight_seconds=settings.hasoffers_timeout_seconds)
         return cls(settings.hasoffers_base_url, settings.hasoffers_network_id or "", token,
-                   timeout=settings.hasoffers_timeout_seconds, max_attempts=settings.hasoffers_max_attempts, **kwargs)
+                   timeout=settings.hasoffers_timeout_seconds, max_attempts=settings.hasoffers_max_attempts,
+                   calls_per_window=calls, window_seconds=seconds, **kwargs)
 
     def close(self) -> None:
         self._http.close()
@@ -158,20 +219,20 @@ class HasOffersClient:
                 logger.warning("%s attempt %d/%d failed (%s); retrying in %.1fs",
                                name, attempt - 1, self.max_attempts, last_problem, pause)
                 self._sleep(pause)
-            self._throttle()
+            handle = self.call_window.acquire()
             try:
-                answer = self._http.post(self.base_url, params={"NetworkId": self.network_id}, content=body,
+                answer = self._http.post(self.base_url, params=self._query, content=body,
                                          headers={"Content-Type": "application/x-www-form-urlencoded"})
             except httpx.TimeoutException as exc:
-                self._recent_calls.append(time.monotonic())
                 last_problem = f"timeout ({type(exc).__name__})"
                 continue
             except httpx.TransportError as exc:
                 last_problem = self._scrub(f"connection error ({type(exc).__name__}: {exc})")
                 continue
-            # Counted when the answer is in: the server saw the call before that, so our
-            # window never ends earlier than the server's.
-            self._recent_calls.append(time.monotonic())
+            finally:
+                # Counted when the answer is in: the server saw the call before that, so
+                # our window never ends earlier than the server's.
+                self.call_window.done(handle)
             if answer.status_code >= 500 or answer.status_code == 429:
                 last_problem = f"HTTP {answer.status_code}"
                 continue
@@ -187,16 +248,6 @@ class HasOffersClient:
                 continue
             raise HasOffersApiError(name, self._scrub(message))
         raise HasOffersUnavailableError(f"{name}: gave up after {self.max_attempts} attempts: {last_problem}")
-
-    def _throttle(self) -> None:
-        now = time.monotonic()
-        while self._recent_calls and self._recent_calls[0] <= now - self.window_seconds:
-            self._recent_calls.popleft()
-        if len(self._recent_calls) >= self.calls_per_window:
-            wait = self._recent_calls[0] + self.window_seconds - now
-            if wait > 0:
-                self._sleep(wait)
-            self._recent_calls.popleft()
 
     def _envelope(self, name: str, answer: httpx.Response) -> dict[str, Any]:
         try:
@@ -223,33 +274,53 @@ class HasOffersClient:
 
     def find_all(self, target: str, params: Mapping[str, Any] | None = None, page_size: int = 1000
                  ) -> Iterator[dict[str, Any]]:
-        """Every record of Target.findAll, page by page (id-keyed or listed records)."""
+        """Every record of Target.findAll, page by page (id-keyed or listed records), in id
+        order unless the caller sorts: without a sort the pages of a live table overlap."""
+        params = {"sort": {"id": "asc"}, **(params or {})}
         page = 1
         while True:
-            data = self.call(target, "findAll", {**(params or {}), "limit": page_size, "page": page})
-            if not data:  # [] when nothing matches
+            data = self.call(target, "findAll", {**params, "limit": page_size, "page": page})
+            if _empty(data):  # [] when nothing matches
                 return
             if not isinstance(data, dict):
                 raise HasOffersResponseError(f"{target}.findAll: unexpected data type {type(data).__name__}")
             yield from _records(data.get("data"))
-            if page >= _as_int(data.get("pageCount"), f"{target}.findAll pageCount"):
+            if page >= _page_count(data, f"{target}.findAll"):
                 return
             page += 1
 
     def get_stats(self, params: Mapping[str, Any], page_size: int = 10000) -> Iterator[dict[str, Any]]:
-        """Every row of Report.getStats, following pageCount; yields each row's `Stat` object."""
+        """Every row of Report.getStats once; yields each row's `Stat` object.
+
+        The pages are asked for sorted by the report's groups (unless the caller sorts),
+        so that they do not overlap; a row that still shows up again on a later page (the
+        stats moved while we paged) is keyed by its group fields and replaces the first.
+        Rows are yielded once every page is in."""
+        groups = [str(g).partition(".")[2] or str(g) for g in params.get("groups") or []]
+        if groups and not params.get("sort"):
+            params = {**params, "sort": {f"Stat.{g}": "asc" for g in groups}}
+        rows: dict[tuple[Any, ...], dict[str, Any]] = {}
+        ungrouped: list[dict[str, Any]] = []
         page = 1
         while True:
             data = self.call("Report", "getStats", {**params, "limit": page_size, "page": page})
+            if _empty(data) or (isinstance(data, dict) and _empty(data.get("data"))):
+                break  # an empty report: [], {}, null, or a page with no rows
             if not isinstance(data, dict) or not isinstance(data.get("data"), list):
                 raise HasOffersResponseError("Report.getStats: data.data is not a list of rows")
             for row in data["data"]:
                 if not isinstance(row, dict) or not isinstance(row.get("Stat"), dict):
                     raise HasOffersResponseError("Report.getStats: a row has no Stat object")
-                yield row["Stat"]
-            if page >= _as_int(data.get("pageCount"), "Report.getStats pageCount"):
-                return
+                stat = row["Stat"]
+                if groups:
+                    rows[tuple(str(stat.get(g)) for g in groups)] = stat
+                else:
+                    ungrouped.append(stat)
+            if page >= _page_count(data, "Report.getStats"):
+                break
             page += 1
+        yield from rows.values()
+        yield from ungrouped
 
     def find_offer(self, offer_id: int) -> dict[str, Any] | None:
         data = self.call("Offer", "findById", {"id": offer_id, "contain": ["OfferCategory"]})
@@ -260,11 +331,35 @@ class HasOffersClient:
     def set_affiliate_approval(self, offer_id: int, affiliate_id: int, status: str, notes: str | None = None) -> Any:
         if status not in ("approved", "rejected", "pending"):
             raise ValueError(f"invalid approval status {status!r}")
-        return self.call("Offer", "setAffiliateApproval",
-                         {"id": offer_id, "affiliate_id": affiliate_id, "status": status, "notes": notes})
+        return _applied("Offer.setAffiliateApproval", self.call(
+            "Offer", "setAffiliateApproval",
+            {"id": offer_id, "affiliate_id": affiliate_id, "status": status, "notes": notes}))
 
     def block_affiliate(self, offer_id: int, affiliate_id: int) -> Any:
-        return self.call("Offer", "blockAffiliate", {"id": offer_id, "affiliate_id": affiliate_id})
+        return _applied("Offer.blockAffiliate",
+                        self.call("Offer", "blockAffiliate", {"id": offer_id, "affiliate_id": affiliate_id}))
+
+
+def _applied(name: str, data: Any) -> Any:
+    """A write's `data` when it says the change was made: true (or "1"), or the record
+    written. Anything else with status 1 (false, null, "", 0, text) is a refusal."""
+    if data is True or (isinstance(data, (int, str)) and not isinstance(data, bool) and str(data).strip() in ("1", "true")):
+        return data
+    if isinstance(data, dict) and data:
+        return data
+    shown = repr(data)[:60]
+    raise HasOffersWriteRefusedError(name, f"answered status 1 with data {shown}: the network did not confirm "
+                                           "the change (not applied)")
+
+
+def _empty(data: Any) -> bool:
+    return data is None or data == "" or (isinstance(data, (list, dict)) and not data)
+
+
+def _page_count(data: dict[str, Any], what: str) -> int:
+    if data.get("pageCount") is None and data.get("count") in (None, 0, "0"):
+        return 0
+    return _as_int(data.get("pageCount"), f"{what} pageCount")
 
 
 def _records(data: Any) -> Iterator[dict[str, Any]]:

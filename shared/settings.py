@@ -10,8 +10,9 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 from sqlalchemy.engine import make_url
@@ -81,11 +82,21 @@ class Settings(BaseSettings):
     kpi_delivery_limit: int = Field(20, ge=1, le=1_000_000)
 
     # HasOffers
-    hasoffers_base_url: str = "https://api.hasoffers.com/Apiv3/json"
+    # The network's own API host; `{network_id}` is replaced by HASOFFERS_NETWORK_ID. A URL
+    # without it (a proxy, the legacy https://api.hasoffers.com/Apiv3/json) gets NetworkId
+    # in the query string.
+    hasoffers_base_url: str = "https://{network_id}.api.hasoffers.com/Apiv3/json"
     hasoffers_network_id: str | None = None
     hasoffers_network_token: SecretStr | None = None
     hasoffers_timeout_seconds: float = Field(30.0, gt=0)
     hasoffers_max_attempts: int = Field(5, ge=1)
+    # The zone the network reports Stat.date / Stat.hour in (its own setting in HasOffers).
+    hasoffers_timezone: str = "UTC"
+    # The network's API limit, shared by every process through PostgreSQL when
+    # hasoffers_rate_limit_shared (else counted per process).
+    hasoffers_rate_limit_calls: int = Field(50, ge=1)
+    hasoffers_rate_limit_seconds: float = Field(10.0, gt=0)
+    hasoffers_rate_limit_shared: bool = True
 
     # Outgoing mail
     smtp_host: str = "127.0.0.1"
@@ -142,6 +153,15 @@ class Settings(BaseSettings):
     # The operators' console (`kpi web`): HTTP Basic credentials.
     kpi_web_user: str | None = None
     kpi_web_password: SecretStr | None = None
+
+    @field_validator("hasoffers_timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"not an IANA time zone name: {value!r} (e.g. UTC, America/New_York)") from None
+        return value
 
     @model_validator(mode="after")
     def _connection_urls(self) -> Settings:

@@ -200,7 +200,7 @@ def test_offer_find_all_shapes(client, fake, network):
     assert "OfferCategory" not in client.call("Offer", "findAll")["1"]
 
     paged = client.call("Offer", "findAll", {"limit": 4, "page": 2, "filters": {"status": "active"},
-                                             "fields": ["id", "status"]})
+                                             "fields": ["id", "status"], "sort": {"id": "asc"}})
     active = sorted(i for i, o in network.offers.items() if o.status == "active")
     assert (paged["page"], paged["count"], paged["pageCount"]) == (2, len(active), -(-len(active) // 4))
     assert sorted(int(k) for k in paged["data"]) == active[4:8]

@@ -4,11 +4,17 @@ A load reads Report.getStats grouped by offer and affiliate (and goal for gtr) o
 look-back window, sums the rows per pair, and turns each pair's sums into at most one
 value. Nothing here does I/O; see handler.py for the API and the database.
 
-The window is made of whole report hours (Stat.date + Stat.hour, which the network
-reports in UTC): the `lookback_hours` hours that end with the hour containing
-`measured_at`, current partial hour included. Report filters are ANDed and cannot say
-"from date D hour H onwards", so the window becomes at most three queries: the hours of
-the first day, the whole days in between, the hours of the last day.
+The window is made of whole report hours. A network labels its stats (Stat.date +
+Stat.hour) in its own time zone (HASOFFERS_TIMEZONE), so the window is the
+`lookback_hours` real hours that end with the network-local hour containing
+`measured_at`, current partial hour included, named as the network names them. Across a
+daylight-saving change that is still `lookback_hours` hours of traffic: the hour that
+does not exist in spring has no stats, and the hour that happens twice in autumn is one
+report bucket (both of its real hours, whole). In a zone whose offset is not a whole
+number of hours (Asia/Kolkata) the buckets are not UTC hours; measured_at stays UTC.
+Report filters are ANDed and cannot say "from date D hour H onwards", so the window
+becomes at most three queries: the hours of the first day, the whole days in between,
+the hours of the last day.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone, tzinfo
 from typing import Any
 
 from shared.hasoffers import HasOffersResponseError
@@ -59,10 +65,14 @@ INT_MEASURES = ("clicks", "gross_clicks", "conversions")
 # -- the window ----------------------------------------------------------------------------
 
 
-def window(measured_at: datetime, lookback_hours: int) -> tuple[datetime, datetime]:
-    """First and last report hour (inclusive) of the look-back."""
-    end = measured_at.astimezone(timezone.utc).replace(minute=0, second=0, microsecond=0)
-    return end - timedelta(hours=lookback_hours - 1), end
+def window(measured_at: datetime, lookback_hours: int, zone: tzinfo = timezone.utc) -> tuple[datetime, datetime]:
+    """First and last report hour (inclusive) of the look-back, as aware datetimes in the
+    network's zone: their .date() and .hour are the Stat.date and Stat.hour to ask for."""
+    # astimezone sets `fold` in the repeated autumn hour, so the hour's start is exact.
+    end = measured_at.astimezone(zone).replace(minute=0, second=0, microsecond=0)
+    # Step back in real time (UTC), not on the wall clock, then name the hour locally.
+    start = (end.astimezone(timezone.utc) - timedelta(hours=lookback_hours - 1)).astimezone(zone)
+    return start, end
 
 
 def _between(field: str, low: Any, high: Any) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from sqlalchemy import Engine, func, select
 
@@ -41,11 +42,13 @@ class LoaderConfig:
     min_clicks: int = 0
     min_conversions: int = 0
     page_size: int = 10000
+    timezone: str = "UTC"  # the zone the network reports Stat.date / Stat.hour in
 
     @classmethod
     def from_settings(cls, settings: Any) -> LoaderConfig:
         return cls(click_cost=settings.kpi_click_cost, min_clicks=settings.kpi_min_clicks,
-                   min_conversions=settings.kpi_min_conversions, page_size=settings.kpi_report_page_size)
+                   min_conversions=settings.kpi_min_conversions, page_size=settings.kpi_report_page_size,
+                   timezone=settings.hasoffers_timezone)
 
 
 class NotConfiguredError(HasOffersError):
@@ -127,9 +130,16 @@ def load_metric(engine: Engine, client: HasOffersClient, config: LoaderConfig, m
     elif metric_key == "cap_fill":  # a cap of 0 means no cap
         capped = {o for o, _ in caps}
         offers = {i: o for i, o in offers.items() if i in capped}
+    return read_values(client, config, metric_key, lookback_hours, measured_at, offers, caps)
+
+
+def read_values(client: HasOffersClient, config: LoaderConfig, metric_key: str, lookback_hours: int,
+                measured_at: datetime, offers: dict[int, OfferSettings], caps: dict[tuple[int, int], int]
+                ) -> tuple[int, list[tuple[int, int, float]]]:
+    """The report over the window in the network's zone, every page; (rows read, values)."""
     totals = Totals(sums={})
     if offers:
-        start, end = computation.window(measured_at, lookback_hours)
+        start, end = computation.window(measured_at, lookback_hours, ZoneInfo(config.timezone))
         for period in computation.window_filters(start, end):
             params = computation.report_params(metric_key, period, offers)
             computation.accumulate(totals, metric_key, client.get_stats(params, page_size=config.page_size), offers)

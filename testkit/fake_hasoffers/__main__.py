@@ -42,14 +42,19 @@ def parser() -> argparse.ArgumentParser:
     # Defaults to the environment so that the token need not show in a process list.
     p.add_argument("--token", default=os.environ.get("HASOFFERS_NETWORK_TOKEN", "NETfaketoken"))
     p.add_argument("--rate-limit", type=rate_limit, default=(50, 10.0), metavar="CALLS/SECONDS")
+    p.add_argument("--timezone", default="UTC",
+                   help="the IANA zone the network reports Stat.date and Stat.hour in (its HASOFFERS_TIMEZONE)")
+    p.add_argument("--latency", type=float, default=0.0, help="seconds added to every API answer")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s fake_hasoffers: %(message)s")
-    network = generate(args.seed, offers=args.offers, affiliates=args.affiliates, days=args.days)
+    network = generate(args.seed, offers=args.offers, affiliates=args.affiliates, days=args.days,
+                       timezone_name=args.timezone)
     fake = FakeHasOffers(network, network_id=args.network_id, network_token=args.token, rate_limit=args.rate_limit)
+    fake.configure(latency=args.latency)
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -59,9 +64,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     base_url = fake.start(args.host, args.port)
-    logger.info("network %s: %d offers, %d affiliates, %d stat rows, %d caps, %d goals", args.network_id,
-                len(network.offers), len(network.affiliates), len(network.stats), len(network.caps),
-                len(network.goals))
+    logger.info("network %s: %d offers, %d affiliates, %d stat rows, %d caps, %d goals; stats in %s",
+                args.network_id, len(network.offers), len(network.affiliates), len(network.stats), len(network.caps),
+                len(network.goals), args.timezone)
     print(base_url, flush=True)
     stopping.wait()
     fake.stop()

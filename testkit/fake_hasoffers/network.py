@@ -2,8 +2,11 @@
 
 `generate(seed, ...)` builds a deterministic network: the same seed gives the same
 offers, people, caps and traffic. The traffic is laid out over the `days * 24` hours
-that end with the hour containing `now` (default: the current UTC hour), so only the
-dates move with the clock. Stat.date and Stat.hour are in UTC.
+that end with the hour containing `now` (default: the current hour), so only the
+dates move with the clock. Stat.date and Stat.hour are in the network's `timezone`
+(UTC unless given), as a real network reports them: the hours are real hours, named
+by the local wall clock, so an autumn daylight-saving day has two rows for its
+repeated hour (the report sums them) and a spring one none for its missing hour.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
 
 
 @dataclass
@@ -126,7 +130,7 @@ PROFILES: dict[str, tuple[float, tuple[int, int], tuple[float, float]]] = {
 
 def generate(seed: int, *, offers: int = 20, affiliates: int = 15, employees: int | None = None,
              categories: int = 6, days: int = 3, active_pairs: float = 0.6, active_hours: float = 0.6,
-             now: datetime | None = None) -> Network:
+             now: datetime | None = None, timezone_name: str = "UTC") -> Network:
     """A deterministic network: ids run from 1 (offers, affiliates, categories, ...)."""
     rng = random.Random(seed)
     network = Network()
@@ -173,8 +177,11 @@ def generate(seed: int, *, offers: int = 20, affiliates: int = 15, employees: in
             network.affiliate_users[user_id] = FakeAffiliateUser(user_id, i, f"user{user_id}@{slug}{i}.example",
                                                                  status)
 
-    end = (now or datetime.now(timezone.utc)).astimezone(timezone.utc).replace(minute=0, second=0, microsecond=0)
-    hours = [end - timedelta(hours=h) for h in range(days * 24 - 1, -1, -1)]
+    zone = ZoneInfo(timezone_name)
+    local_end = (now or datetime.now(timezone.utc)).astimezone(zone).replace(minute=0, second=0, microsecond=0)
+    end = local_end.astimezone(timezone.utc)
+    # Real hours (stepped in UTC), each named by the network's wall clock.
+    hours = [(end - timedelta(hours=h)).astimezone(zone) for h in range(days * 24 - 1, -1, -1)]
     names = list(PROFILES)
     weights = [PROFILES[n][0] for n in names]
     # Every profile once (in a random order) before the weighted draw: even a small

@@ -262,5 +262,7 @@ def page_of(items: Sequence[Any], params: dict[str, Any]) -> tuple[list[Any], di
         raise QueryError("Invalid limit")
     page = max(page, 1)
     chunk = list(items[(page - 1) * limit: page * limit])
-    return chunk, {"page": page, "current": len(chunk), "count": len(items),
+    # `current` is the page size asked for (the documented answers: "current": 50 with
+    # "count": 1), 0 for an empty result.
+    return chunk, {"page": page, "current": limit if items else 0, "count": len(items),
                    "pageCount": math.ceil(len(items) / limit)}

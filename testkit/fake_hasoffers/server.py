@@ -1,16 +1,28 @@
 """The fake HasOffers HTTP server.
 
-Serves `/Apiv3/json` the way the real API does: HTTP 200 with the response envelope,
-numbers as strings, PHP bracket parameters over GET or form POST, the 50-calls-per-10-s
-rate limit with the real error text. Records the write calls it receives, and injects
-faults on request. Control endpoints (for the demo and for tests in another process):
+Serves `/Apiv3/json` the way the real API does: HTTP 200 with the response envelope
+(the request echoed with the keys real answers carry: Target, Format, Service, Version,
+Method, NetworkId and the parameters; never the token), numbers as strings, PHP
+bracket parameters over GET or form POST, the network from the `NetworkId` parameter
+or else from the host (`<NETWORKID>.api.hasoffers.com`), and the 50-calls-per-10-s
+rate limit with the real error text, counted per network over every client. As
+strict as the real API where a client could go wrong silently: report and find rows
+come in no stable order unless `sort` is given (so pages overlap and miss rows), a
+report without `limit` is paged at 50 rows, and `current` is the page size. Records
+the write calls it receives, and injects faults on request. Control endpoints (for
+the demo and for tests in another process):
 
     GET  /_fake/calls   the recorded write calls, as JSON
-    POST /_fake/faults  {"kind": "http_500" | "rate_limit" | "slow" | "malformed", "count": 1,
+    POST /_fake/faults  {"kind": "http_500" | "rate_limit" | "slow" | "malformed" | "data", "count": 1,
                          "method": "Offer.blockAffiliate" (optional), "seconds": 2 (slow),
+                         "data": false (data: answer status 1 with this data, doing nothing),
                          "after": 0 (let this many matching calls through first)}
+    POST /_fake/settings  {"latency": 0.2 (seconds added to every API answer),
+                           "empty_shape": "paged" | "list" | "object" | "null" (an empty report's data)}
     POST /_fake/reset   forget calls and pending faults
     GET  /_fake/requests   how many times each API method was answered, as JSON
+    GET  /_fake/usage   {"answered", "refused_rate_limit", "peak"}: the most calls of one
+                        network inside any rate-limit window
 
 Read methods: Report.getStats, Offer.findAll/findById, Offer.getConversionCaps,
 Goal.findAll, Affiliate.findAll/findById, AffiliateUser.findAll, Employee.findAll
@@ -21,6 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import threading
 import time
 from collections import OrderedDict, deque
@@ -37,7 +50,9 @@ from testkit.fake_hasoffers.queries import QueryError
 logger = logging.getLogger(__name__)
 
 API_PATH = "/Apiv3/json"
-FAULT_KINDS = ("http_500", "rate_limit", "slow", "malformed")
+FAULT_KINDS = ("http_500", "rate_limit", "slow", "malformed", "data")
+EMPTY_SHAPES = ("paged", "list", "object", "null")
+REPORT_DEFAULT_LIMIT = 50
 
 
 class FakeApiError(Exception):
@@ -88,6 +103,7 @@ class Fault:
     method: str | None = None  # "Target.method", or None for any
     seconds: float = 2.0
     after: int = 0  # matching calls to let through before the fault strikes
+    data: Any = False  # kind "data": status 1 with this data, and nothing done
 
 
 Handler = Callable[["FakeHasOffers", dict[str, Any]], Any]
@@ -114,7 +130,13 @@ class FakeHasOffers:
         self.request_count: dict[str, int] = {}
         self.approvals: dict[tuple[int, int], str] = {}
         self.blocked: set[tuple[int, int]] = set()
-        self._recent: deque[float] = deque()
+        self._recent: dict[str, deque[float]] = {}  # per network: when its recent calls came
+        self.answered = 0
+        self.refused_rate_limit = 0
+        self.peak_usage = 0
+        self.latency = 0.0  # seconds added to every API answer
+        self.empty_shape = "paged"
+        self._serial = 0  # orders unsorted answers differently on every call
         self._faults: list[Fault] = []
         self._server: ThreadingHTTPServer | None = None
         # Report.getStats answers by query, so that paging through a large report does
@@ -163,17 +185,43 @@ class FakeHasOffers:
     # -- control --------------------------------------------------------------------------
 
     def inject(self, kind: str, count: int = 1, method: str | None = None, seconds: float = 2.0,
-               after: int = 0) -> None:
+               after: int = 0, data: Any = False) -> None:
         if kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault {kind!r}; known: {', '.join(FAULT_KINDS)}")
         with self.lock:
-            self._faults.append(Fault(kind, count, method, seconds, after))
+            self._faults.append(Fault(kind, count, method, seconds, after, data))
+
+    def configure(self, latency: float | None = None, empty_shape: str | None = None) -> None:
+        if empty_shape is not None and empty_shape not in EMPTY_SHAPES:
+            raise ValueError(f"unknown empty shape {empty_shape!r}; known: {', '.join(EMPTY_SHAPES)}")
+        with self.lock:
+            if latency is not None:
+                self.latency = max(0.0, float(latency))
+            if empty_shape is not None:
+                self.empty_shape = empty_shape
+
+    def usage(self) -> dict[str, int]:
+        with self.lock:
+            return {"answered": self.answered, "refused_rate_limit": self.refused_rate_limit,
+                    "peak": self.peak_usage}
+
+    def shuffled(self, items: list[Any], params: dict[str, Any]) -> list[Any]:
+        """Without `sort`, the order of a live table is not stable between calls."""
+        if params.get("sort"):
+            return items
+        with self.lock:
+            self._serial += 1
+            serial = self._serial
+        items = list(items)
+        random.Random(serial).shuffle(items)
+        return items
 
     def reset(self) -> None:
         with self.lock:
             self.calls.clear()
             self._faults.clear()
             self._recent.clear()
+            self.answered = self.refused_rate_limit = self.peak_usage = 0
             self.request_count.clear()
             self._reports.clear()
 
@@ -214,8 +262,14 @@ class FakeHasOffers:
         if body and "application/x-www-form-urlencoded" in content_type:
             pairs += parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True)
         params = parse_params(pairs)
+        if "NetworkId" not in params:  # the documented form: https://<NETWORKID>.api.hasoffers.com/...
+            host = (request.headers.get("Host") or "").split(":")[0]
+            if host.count(".") >= 1 and not host.replace(".", "").isdigit():
+                params["NetworkId"] = host.split(".")[0]
         name = f"{params.get('Target', '')}.{params.get('Method', '')}"
         fault = self._take_fault(name)
+        if self.latency:
+            time.sleep(self.latency)
         if fault is not None:
             if fault.kind == "http_500":
                 return self._send(request, 500, b"<html>Internal Server Error</html>", "text/html")
@@ -223,18 +277,21 @@ class FakeHasOffers:
                 return self._send(request, 200, b'{"response": {"status": 1, "data": {"pa', "application/json")
             if fault.kind == "slow":
                 time.sleep(fault.seconds)
-        self._send_json(request, self._answer(name, params, forced_rate_limit=fault is not None
-                                              and fault.kind == "rate_limit"))
+        self._send_json(request, self._answer(name, params, fault))
 
-    def _answer(self, name: str, params: dict[str, Any], forced_rate_limit: bool = False) -> dict[str, Any]:
-        request_echo = {k: v for k, v in params.items() if k != "NetworkToken"}
-        if str(params.get("NetworkId", "")) != self.network_id:
+    def _answer(self, name: str, params: dict[str, Any], fault: Fault | None = None) -> dict[str, Any]:
+        request_echo = {"Target": params.get("Target"), "Format": "json", "Service": "HasOffers", "Version": "2",
+                        **{k: v for k, v in params.items() if k != "NetworkToken"}}
+        network_id = str(params.get("NetworkId", ""))
+        if network_id != self.network_id:
             return {"request": request_echo,
                     "response": {"errors": {"publicMessage": "Network id is not valid"}}}
         if params.get("NetworkToken") != self.network_token:
             return _error(request_echo, f"NetworkToken {params.get('NetworkToken', '')} is not authenticated")
-        usage = self._count_call()
-        if forced_rate_limit or usage > self.rate_limit_calls:
+        usage = self._count_call(network_id)
+        if (fault is not None and fault.kind == "rate_limit") or usage > self.rate_limit_calls:
+            with self.lock:
+                self.refused_rate_limit += 1
             return _error(request_echo, "API usage exceeded rate limit.  Configured: "
                           f"{self.rate_limit_calls}/{int(self.rate_limit_window)}s window; Your usage: {usage}.")
         handler = HANDLERS.get(name)
@@ -242,6 +299,11 @@ class FakeHasOffers:
             return _error(request_echo, f"Method {name} does not exist")
         with self.lock:
             self.request_count[name] = self.request_count.get(name, 0) + 1
+            self.answered += 1
+            self.peak_usage = max(self.peak_usage, usage)
+        if fault is not None and fault.kind == "data":  # e.g. a write answered `data: false`
+            return {"request": request_echo, "response": {"status": 1, "httpStatus": 200, "data": fault.data,
+                                                          "errors": [], "errorMessage": None}}
         try:
             data = handler(self, params)
         except (FakeApiError, QueryError) as exc:
@@ -249,13 +311,15 @@ class FakeHasOffers:
         return {"request": request_echo,
                 "response": {"status": 1, "httpStatus": 200, "data": data, "errors": [], "errorMessage": None}}
 
-    def _count_call(self) -> int:
+    def _count_call(self, network_id: str) -> int:
+        """Calls of this network in the window, this one included; every client counts."""
         now = time.monotonic()
         with self.lock:
-            while self._recent and self._recent[0] <= now - self.rate_limit_window:
-                self._recent.popleft()
-            self._recent.append(now)
-            return len(self._recent)
+            recent = self._recent.setdefault(network_id, deque())
+            while recent and recent[0] <= now - self.rate_limit_window:
+                recent.popleft()
+            recent.append(now)
+            return len(recent)
 
     def _take_fault(self, name: str) -> Fault | None:
         with self.lock:
@@ -277,13 +341,19 @@ class FakeHasOffers:
             if path == "/_fake/requests":
                 with self.lock:
                     return self._send_json(request, dict(self.request_count))
+            if path == "/_fake/usage":
+                return self._send_json(request, self.usage())
+            if path == "/_fake/settings":
+                spec = json.loads(body or b"{}")
+                self.configure(spec.get("latency"), spec.get("empty_shape"))
+                return self._send_json(request, {"ok": True})
             if path == "/_fake/reset":
                 self.reset()
                 return self._send_json(request, {"ok": True})
             if path == "/_fake/faults":
                 spec = json.loads(body or b"{}")
                 self.inject(spec["kind"], int(spec.get("count", 1)), spec.get("method"),
-                            float(spec.get("seconds", 2.0)), int(spec.get("after", 0)))
+                            float(spec.get("seconds", 2.0)), int(spec.get("after", 0)), spec.get("data", False))
                 return self._send_json(request, {"ok": True})
         except (ValueError, KeyError) as exc:
             return self._send(request, 400, f"bad request: {exc}".encode(), "text/plain")
@@ -369,9 +439,9 @@ def offer_block_affiliate(fake: FakeHasOffers, params: dict[str, Any]) -> Any:
 # -- reads ------------------------------------------------------------------------------
 
 
-def _found(kept: list[tuple[int, dict[str, Any]]], params: dict[str, Any]) -> Any:
+def _found(fake: FakeHasOffers, kept: list[tuple[int, dict[str, Any]]], params: dict[str, Any]) -> Any:
     """find* answers: id-keyed records ([] when none), or a page of them with `limit`."""
-    paged = queries.page_of(kept, params)
+    paged = queries.page_of(fake.shuffled(kept, params), params)
     if paged is None:
         return {str(i): r for i, r in kept} or []
     chunk, paging = paged
@@ -380,11 +450,14 @@ def _found(kept: list[tuple[int, dict[str, Any]]], params: dict[str, Any]) -> An
 
 @api("Report.getStats")
 def report_get_stats(fake: FakeHasOffers, params: dict[str, Any]) -> Any:
-    rows = fake.report_rows(params)
+    rows = fake.shuffled(fake.report_rows(params), params)
+    if not rows and fake.empty_shape != "paged":
+        return {"list": [], "object": {}, "null": None}[fake.empty_shape]
     names = queries.report_fields(params)
-    paged = queries.page_of(rows, params)
-    chunk, paging = paged if paged is not None else (rows, {"page": 1, "current": len(rows), "count": len(rows),
-                                                            "pageCount": 1 if rows else 0})
+    paged = queries.page_of(rows, params if params.get("limit") not in (None, "")
+                            else {**params, "limit": REPORT_DEFAULT_LIMIT})
+    assert paged is not None
+    chunk, paging = paged
     data: dict[str, Any] = {**paging, "data": [queries.format_stat(r, names) for r in chunk]}
     if params.get("totals") not in (None, "", "0", "false"):
         data["totals"] = queries.totals(rows, names)
@@ -397,7 +470,7 @@ def offer_find_all(fake: FakeHasOffers, params: dict[str, Any]) -> Any:
     records = {i: offer_record(fake, i, "OfferCategory" in contain) for i in fake.network.offers}
     for record in records.values():  # other containable models are empty in the fake
         record.update({c: [] for c in contain if c not in record and c != "Offer"})
-    return _found(queries.find(records, "Offer", params), params)
+    return _found(fake, queries.find(records, "Offer", params), params)
 
 
 @api("Offer.getConversionCaps")
@@ -421,7 +494,7 @@ def offer_get_conversion_caps(fake: FakeHasOffers, params: dict[str, Any]) -> An
 def goal_find_all(fake: FakeHasOffers, params: dict[str, Any]) -> Any:
     records = {g.id: {"Goal": {"id": str(g.id), "offer_id": str(g.offer_id), "name": g.name, "status": g.status}}
                for g in fake.network.goals.values()}
-    return _found(queries.find(records, "Goal", params), params)
+    return _found(fake, queries.find(records, "Goal", params), params)
 
 
 def affiliate_record(fake: FakeHasOffers, affiliate_id: int) -> dict[str, Any]:
@@ -433,7 +506,7 @@ def affiliate_record(fake: FakeHasOffers, affiliate_id: int) -> dict[str, Any]:
 @api("Affiliate.findAll")
 def affiliate_find_all(fake: FakeHasOffers, params: dict[str, Any]) -> Any:
     records = {i: affiliate_record(fake, i) for i in fake.network.affiliates}
-    return _found(queries.find(records, "Affiliate", params), params)
+    return _found(fake, queries.find(records, "Affiliate", params), params)
 
 
 @api("Affiliate.findById")
@@ -449,7 +522,7 @@ def affiliate_user_find_all(fake: FakeHasOffers, params: dict[str, Any]) -> Any:
     records = {u.id: {"AffiliateUser": {"id": str(u.id), "affiliate_id": str(u.affiliate_id), "email": u.email,
                                         "status": u.status}}
                for u in fake.network.affiliate_users.values()}
-    return _found(queries.find(records, "AffiliateUser", params), params)
+    return _found(fake, queries.find(records, "AffiliateUser", params), params)
 
 
 @api("Employee.findAll")
@@ -457,4 +530,4 @@ def employee_find_all(fake: FakeHasOffers, params: dict[str, Any]) -> Any:
     records = {e.id: {"Employee": {"id": str(e.id), "email": e.email, "first_name": e.first_name,
                                    "last_name": e.last_name, "status": e.status}}
                for e in fake.network.employees.values()}
-    return _found(queries.find(records, "Employee", params), params)
+    return _found(fake, queries.find(records, "Employee", params), params)
