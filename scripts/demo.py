@@ -2,14 +2,17 @@
 
 Creates its own database and exchange, migrates, seeds the example triggers and
 actions, starts the fake HasOffers and a local SMTP sink, starts the four services,
-requests a reference load and every metric, waits until the pipeline is idle, prints
-a summary and stops everything it started.
+starts the console (`kpi web`), requests a reference load and every metric, waits until
+the pipeline is idle, prints a summary, the console's address, a backtest of the demo's
+own history and an explain of one rejected pair, and stops everything it started (with
+--keep, once you press Ctrl-C: look at the console meanwhile).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import tempfile
 import time
@@ -24,6 +27,7 @@ from shared.events import METRIC_LOAD_REQUESTED, MetricLoadRequested, new_event
 from shared.rabbitmq import SERVICE_BINDINGS, Bus, queue_names
 from shared.sql import run_script
 from shared.vocabulary import METRIC_KEYS, REFERENCE
+from scripts.demo_console import backtest_and_explain, console_lines, start_console
 from testkit import ROOT, broker
 from testkit.database import admin_url, drop_database, migrated_database
 from testkit.ports import free_port, port_open
@@ -138,6 +142,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=150)
     parser.add_argument("--keep-database", action="store_true", help="leave the demo database for inspection")
+    parser.add_argument("--keep", action="store_true",
+                        help="leave the console and the services running until Ctrl-C, so you can look")
     args = parser.parse_args()
 
     pg_admin = admin_url("DEMO_PG_ADMIN_URL")
@@ -181,6 +187,8 @@ def main() -> int:
         bus = Bus(amqp_url, exchange, name="hasoffers-kpi demo").connect()
         wait_for(lambda: all(service.ready() for service in services), 30, 0.5, "the four services to start")
         say("four services running")
+        console = start_console(env, log_dir, processes.append)
+        say(f"console on {console.url}")
 
         bus.publish(new_event(METRIC_LOAD_REQUESTED, MetricLoadRequested(metric_key=REFERENCE), correlation_id="demo"))
         wait_for(lambda: _reference_done(engine), 60, 0.5, "the reference load")
@@ -195,10 +203,15 @@ def main() -> int:
 
         calls = httpx.get(f"http://127.0.0.1:{fake_port}/_fake/calls", timeout=5).json()
         print(summary(engine, smtp, calls, exchange, bus), flush=True)
+        print("\n".join(console_lines(console)), flush=True)
+        print(backtest_and_explain(engine, env), flush=True)
         for process in processes:
-            if TOKEN in process.log():
-                raise RuntimeError(f"the HasOffers token appeared in the {process.name} log")
+            for secret, what in ((TOKEN, "HasOffers token"), (console.password, "console password")):
+                if secret in process.log():
+                    raise RuntimeError(f"the {what} appeared in the {process.name} log")
         say(f"finished in {time.monotonic() - started:.1f}s")
+        if args.keep:
+            keep_running(console.url)
         return 0
     except Exception as exc:
         say(f"FAILED: {exc}; logs are in {log_dir}")
@@ -218,6 +231,19 @@ def main() -> int:
         if not args.keep_database:
             drop_database(pg_admin, db_name)
         say("stopped everything it started")
+
+
+def keep_running(console_url: str) -> None:
+    """--keep: wait for Ctrl-C (or SIGTERM) with everything running."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, interrupt)
+    say(f"--keep: the console ({console_url}) and the services keep running; press Ctrl-C to stop them")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        say("stopping")
 
 
 def _reference_done(engine: Engine) -> bool:
