@@ -1,4 +1,5 @@
-"""Screenshots of the console for the README: docs/console-problems.png, docs/console-pair.png.
+"""Screenshots of the console for the README: docs/console-problems.png, docs/console-pair.png,
+docs/console-silences.png, docs/console-held.png.
 
 Seeds a database of its own with a day of a network's history (testkit/console_world.py:
 30 offers x 25 affiliates x 4 triggers, a check every 15 minutes), serves the console
@@ -56,6 +57,19 @@ def _photograph(engine: Engine, chromium: str, out: Path) -> int:
             WHERE e.trigger_id = 1 AND (e.offer_id * 31 + e.affiliate_id) % 17 = 0 AND s.status = 'PROBLEM'
             GROUP BY 1, 2 ORDER BY count(*) DESC, 1, 2 LIMIT 1
         """)).one()
+        # Two silences in force and one ended, and four rejects held by the hourly cap.
+        conn.execute(text("""
+            INSERT INTO silences (trigger_id, offer_id, affiliate_id, starts_at, ends_at, reason, created_by) VALUES
+                (1, 7, NULL, now() - interval '1 hour', now() + interval '3 hours',
+                 'advertiser paused the offer for a landing page fix', 'ops'),
+                (NULL, NULL, 12, now() - interval '20 minutes', now() + interval '1 day',
+                 'affiliate moving servers; traffic resumes tomorrow', 'anna'),
+                (3, NULL, NULL, now() - interval '2 days', now() - interval '1 day', 'payout table being corrected',
+                 'ops')"""))
+        conn.execute(text("""
+            UPDATE operation_runs SET status = 'held', detail = 'held: 25 rejects this hour (the cap)',
+                   finished_at = created_at
+            WHERE id IN (SELECT id FROM operation_runs WHERE kind = 'reject_affiliate' ORDER BY id DESC LIMIT 4)"""))
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(text("VACUUM ANALYZE"))
     app = create_app(engine, credentials=Credentials(USER, PASSWORD), bus_factory=lambda: None)
@@ -69,8 +83,14 @@ def _photograph(engine: Engine, chromium: str, out: Path) -> int:
         page.set_viewport_size({"width": 1360, "height": 1330})
         page.goto(f"{base}/pairs/{offer_id}/{affiliate_id}")
         page.screenshot(path=str(out / "console-pair.png"))
+        page.set_viewport_size({"width": 1360, "height": 720})
+        page.goto(f"{base}/silences?ended=1")
+        page.screenshot(path=str(out / "console-silences.png"))
+        page.goto(f"{base}/held")
+        page.screenshot(path=str(out / "console-held.png"))
         browser.close()
-    print(f"wrote {out / 'console-problems.png'} and {out / 'console-pair.png'} (pair {offer_id}/{affiliate_id})")
+    print(f"wrote console-problems.png, console-pair.png (pair {offer_id}/{affiliate_id}), console-silences.png and "
+          f"console-held.png in {out}")
     return 0
 
 
