@@ -27,7 +27,8 @@ DEFAULTS = {"KPI_SCHEDULE_REFERENCE_SECONDS": "3600", "KPI_SCHEDULE_METRICS_SECO
 # Required, with no default outside the demo (values for the checks only).
 SECRETS = {"POSTGRES_PASSWORD": "check-postgres-secret", "RABBITMQ_PASSWORD": "check-rabbitmq-secret",
            "HASOFFERS_NETWORK_ID": "check-network", "HASOFFERS_NETWORK_TOKEN": "check-token-secret",
-           "SMTP_HOST": "smtp.check.example"}
+           "SMTP_HOST": "smtp.check.example",
+           **{f"KPI_DB_PASSWORD_{s.upper()}": f"check-db-{s}-secret" for s in [*SERVICES, "console"]}}
 DEMO_ENV = "demo.env"
 
 
@@ -84,6 +85,15 @@ def security_problems(path: str) -> list[str]:
     for name, value in SECRETS.items():
         if name.endswith(("PASSWORD", "TOKEN")) and value not in text:
             found.append(f"{name} is set but used by no service")
+    for name in SERVICES + ["console"]:
+        url = environment(services, name).get("DATABASE_URL", "")
+        password = environment(services, name).get("DATABASE_PASSWORD")
+        if f"://kpi_{name}@" not in url or password != SECRETS[f"KPI_DB_PASSWORD_{name.upper()}"]:
+            found.append(f"{name}: connects to PostgreSQL as {url.split('://')[-1].split('@')[0]!r}, "
+                         f"expected its own role kpi_{name} with KPI_DB_PASSWORD_{name.upper()}")
+    migrate_ = services.get("migrate", {})
+    if "kpi roles" not in " ".join(map(str, migrate_.get("command") or [])):
+        found.append("migrate: does not run `kpi roles` after `kpi migrate`")
     for name in SERVICES + ["console", "migrate"]:
         environment_ = environment(services, name)
         for variable, value in environment_.items():

@@ -1,8 +1,9 @@
 """The demo: the whole pipeline on this machine, against a fake HasOffers network.
 
 Creates its own database and exchange, migrates, seeds the example triggers and
-actions, starts the fake HasOffers and a local SMTP sink, starts the four services,
-starts the console (`kpi web`), requests a reference load and every metric, waits until
+actions, creates the services' PostgreSQL roles (`kpi roles`, a prefix of its own),
+starts the fake HasOffers and a local SMTP sink, starts the four services (each as its
+own role), starts the console (`kpi web`), requests a reference load and every metric, waits until
 the pipeline is idle, prints a summary, the console's address, a backtest of the demo's
 own history and an explain of one rejected pair, and stops everything it started (with
 --keep, once you press Ctrl-C: look at the console meanwhile).
@@ -29,7 +30,7 @@ from shared.sql import run_script
 from shared.vocabulary import METRIC_KEYS, REFERENCE
 from scripts.demo_console import backtest_and_explain, console_lines, start_console
 from testkit import ROOT, broker
-from testkit.database import admin_url, drop_database, migrated_database
+from testkit.database import admin_url, create_service_roles, drop_database, drop_service_roles, migrated_database
 from testkit.ports import free_port, port_open
 from testkit.processes import ServiceProcess, terminate_all
 from testkit.smtp import FakeSmtpServer
@@ -156,12 +157,15 @@ def main() -> int:
     smtp = None
     bus = None
     engine = None
+    database_url = None
+    roles_prefix = None
     try:
         say(f"database {db_name}, exchange {exchange}, logs in {log_dir}")
         database_url = migrated_database(pg_admin, db_name)
         engine = make_engine(database_url)
         run_script(engine, (ROOT / "seeds/example.sql").read_text())
-        say("schema migrated, example triggers and actions seeded")
+        roles_prefix, role_urls = create_service_roles(database_url)
+        say(f"schema migrated, example triggers and actions seeded, roles {roles_prefix}<service> granted")
 
         smtp = FakeSmtpServer().start()
         fake_port = free_port()
@@ -172,7 +176,9 @@ def main() -> int:
                "KPI_CLICK_COST": "0.01", "HASOFFERS_TIMEZONE": NETWORK_TIMEZONE}
 
         def spawn(name: str, module: str | None = None, args: list[str] | None = None) -> ServiceProcess:
-            process = ServiceProcess(name, env, log_dir, module=module, args=args or [], log_name=f"{name}.log")
+            # Each service connects as its own role: it can write only the tables it owns.
+            own = {**env, "DATABASE_URL": role_urls[name]} if name in role_urls else env
+            process = ServiceProcess(name, own, log_dir, module=module, args=args or [], log_name=f"{name}.log")
             processes.append(process)
             return process.start(wait_ready=False)
 
@@ -187,7 +193,7 @@ def main() -> int:
         bus = Bus(amqp_url, exchange, name="hasoffers-kpi demo").connect()
         wait_for(lambda: all(service.ready() for service in services), 30, 0.5, "the four services to start")
         say("four services running")
-        console = start_console(env, log_dir, processes.append)
+        console = start_console({**env, "DATABASE_URL": role_urls["console"]}, log_dir, processes.append)
         say(f"console on {console.url}")
 
         bus.publish(new_event(METRIC_LOAD_REQUESTED, MetricLoadRequested(metric_key=REFERENCE), correlation_id="demo"))
@@ -228,6 +234,8 @@ def main() -> int:
             bus.close()
         if engine is not None:
             engine.dispose()
+        if roles_prefix is not None:
+            drop_service_roles(pg_admin, roles_prefix, database_url)
         if not args.keep_database:
             drop_database(pg_admin, db_name)
         say("stopped everything it started")

@@ -1,6 +1,7 @@
 """`kpi`: the operator's command line.
 
     kpi migrate                      create or upgrade the schema
+    kpi roles [--prefix P] [--login] the services' PostgreSQL roles and their grants (after every migrate)
     kpi seed FILE.sql                run a SQL file (triggers, thresholds, actions...)
     kpi load cr|pacc|...|reference|all [--lookback-hours N]
     kpi status                       pairs in PROBLEM, counts per trigger
@@ -35,7 +36,7 @@ from pydantic import ValidationError
 from sqlalchemy import Engine, Select, func, literal, select
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
-from shared import held, migrate, partitions, silences
+from shared import held, migrate, partitions, roles, silences
 from shared.rabbitmq import (
     CONNECTION_ERRORS, SERVICE_BINDINGS, BrokerUnavailableError, Bus, PublishError, QueueMismatchError,
     dead_letter_count,
@@ -86,6 +87,26 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> None:
     _engine(settings).dispose()
     migrate.upgrade(settings.database_url.get_secret_value())
     print("schema is at the latest revision")
+
+
+def cmd_roles(settings: Settings, args: argparse.Namespace) -> None:
+    if args.list:
+        _table(["role", "writes"], [[roles.role_name(args.prefix, role), writes] for role, writes in roles.describe()])
+        return
+    try:
+        roles.check_prefix(args.prefix)
+        passwords = {role: roles.password_from_env(role) for role in roles.ROLES}
+        engine = _engine(settings)
+        try:
+            with engine.begin() as conn:
+                applied = roles.apply(conn, args.prefix, passwords, login=args.login)
+        finally:
+            engine.dispose()
+    except roles.RolesError as exc:
+        raise CliError(str(exc)) from None
+    for role in applied:
+        print(f"{role.role}: {'created' if role.created else 'exists'}, "
+              f"{'may log in' if role.login else 'no login (no KPI_DB_PASSWORD_* given)'}; grants replaced")
 
 
 def cmd_seed(settings: Settings, args: argparse.Namespace) -> None:
@@ -461,6 +482,13 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kpi", description="Operate hasoffers-kpi.")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("migrate", help="create or upgrade the schema").set_defaults(run=cmd_migrate)
+    roles_ = sub.add_parser("roles", help="create the services' PostgreSQL roles and grant each what it may do "
+                                          "(passwords from KPI_DB_PASSWORD_<ROLE>); after every migrate")
+    roles_.add_argument("--prefix", default=roles.DEFAULT_PREFIX, help="role names are <prefix><service>")
+    roles_.add_argument("--login", action="store_true",
+                        help="every role may log in, with or without a password (certificate or peer auth)")
+    roles_.add_argument("--list", action="store_true", help="print the roles and what each may write")
+    roles_.set_defaults(run=cmd_roles)
     seed = sub.add_parser("seed", help="run a SQL file against the database")
     seed.add_argument("file")
     seed.set_defaults(run=cmd_seed)
