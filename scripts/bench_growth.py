@@ -91,7 +91,9 @@ def fill_day(engine: Engine, table: str, day, rows: int) -> int:
         kind = "(ARRAY['cr','pacc','gtr','clicks_zero_conv','cap_fill'])[1 + (g / :pairs) % 5]"
         columns = "metric_key, offer_id, affiliate_id, value, measured_at, received_at, event_id"
         select = (f"{kind}, 1 + (g % :pairs) / 100, 1 + (g % :pairs) % 100, (g % 1000) / 1000.0, "
-                  f"CAST(:low AS timestamptz) + (g / (:pairs * 5)) * interval '15 minutes', now(), 'bench'")
+                  f"CAST(:low AS timestamptz) + (g / (:pairs * 5)) * interval '15 minutes', now(), "
+                  # a metric.loaded event id is a UUID: as many bytes as a real one
+                  f"'00000000-0000-4000-8000-' || lpad((g / (:pairs * 5))::text, 12, '0')")
     else:
         kind = "(SELECT array_agg(id ORDER BY id) FROM triggers)[1 + (g / :pairs) % 10]"
         columns = "trigger_id, offer_id, affiliate_id, value, operator, threshold, status, measured_at, checked_at"

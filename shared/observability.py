@@ -6,7 +6,7 @@ import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 
 class ServiceMetrics:
@@ -25,10 +25,17 @@ class ServiceMetrics:
             "kpi_handler_seconds", "Time from delivery to ack", ["service"], registry=self.registry,
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
         )
+        # What says a service has stalled (for the metric_loader: a load is late) when
+        # nothing fails: time() minus this grows past the expected interval.
+        self.last_handled = Gauge("kpi_last_handled_timestamp_seconds",
+                                  "Unix time of the last message handled (fully or partly)", ["service"],
+                                  registry=self.registry)
 
     def record(self, service: str, outcome: str, seconds: float) -> None:
         self.handled.labels(service, outcome).inc()
         self.latency.labels(service).observe(seconds)
+        if outcome in ("handled", "handled_partly"):
+            self.last_handled.labels(service).set_to_current_time()
         if outcome in ("dead_lettered", "handled_partly"):
             self.dead_lettered.labels(service).inc()
         elif outcome == "retried":

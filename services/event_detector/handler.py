@@ -57,7 +57,9 @@ triggers = Trigger.__table__
 def handle_trigger_checked(envelope: Envelope, delivery: Delivery | None = None, *, engine: Engine) -> HandlerResult:
     batch = split_batch(envelope, "checks", CheckItem, MAX_CHECKS)
     with transaction(engine) as conn:
-        delivered, for_checks = load_delivered(conn, sorted({item.check_id for item in batch.valid.values()}))
+        times = [item.measured_at for item in batch.valid.values()]
+        delivered, for_checks = load_delivered(conn, sorted({item.check_id for item in batch.valid.values()}),
+                                               (min(times), max(times)) if times else None)
         known = {r.check_id for readings in delivered.values() for r in readings}
         for index, item in list(batch.valid.items()):
             if item.check_id not in known:
@@ -111,18 +113,25 @@ READING_COLUMNS = (trigger_checks.c.id, trigger_checks.c.measured_at, trigger_ch
                    trigger_checks.c.status)
 
 
-def load_delivered(conn: Connection, check_ids: list[int]) -> tuple[dict[Pair, list[Reading]], dict[int, int]]:
+def load_delivered(conn: Connection, check_ids: list[int], within: tuple[datetime, datetime] | None = None
+                   ) -> tuple[dict[Pair, list[Reading]], dict[int, int]]:
     """The delivered checks by pair (unknown ids, or checks of deleted triggers, left
     out), and for_checks of their triggers. Only their ids and times: what they say is
-    read with the pair's window (load_states), or its history when one is late."""
+    read with the pair's window (load_states), or its history when one is late.
+
+    `within`: the first and last measured_at the message gives its checks, so that only
+    those days' partitions are searched for the ids (not every day kept)."""
     if not check_ids:
         return {}, {}
     c = trigger_checks.c
-    rows = conn.execute(
+    query = (
         select(c.trigger_id, c.offer_id, c.affiliate_id, c.id, c.measured_at, triggers.c.for_checks)
         .join(triggers, triggers.c.id == c.trigger_id)
         .where(c.id == any_(array_of_ids(check_ids)))
-    ).all()
+    )
+    if within is not None:
+        query = query.where(c.measured_at.between(*within))
+    rows = conn.execute(query).all()
     by_pair: dict[Pair, list[Reading]] = defaultdict(list)
     for_checks: dict[int, int] = {}
     for t, o, a, check_id, measured_at, for_checks_of_trigger in rows:
