@@ -299,6 +299,18 @@ Index(
 )
 
 
+class HasOffersCallSlot(Base):
+    """The network's API rate limit, shared by every process that calls it: one row per
+    call the network allows in its window; a call takes the slot used longest ago once
+    that use has left the window, and stamps it when its answer is in
+    (shared/hasoffers_rate.py, migration 0009)."""
+
+    __tablename__ = "hasoffers_call_slots"
+    network_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    slot: Mapped[int] = mapped_column(Integer, primary_key=True)
+    used_at: Mapped[datetime] = mapped_column(TZ)
+
+
 # --- What the system writes -----------------------------------------------------------
 
 

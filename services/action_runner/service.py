@@ -27,7 +27,7 @@ def main() -> int:
         mailer = SmtpMailer.from_settings(settings)
         hasoffers: HasOffersClient | None = None
         if settings.hasoffers_network_id and settings.hasoffers_network_token:
-            hasoffers = HasOffersClient.from_settings(settings)
+            hasoffers = HasOffersClient.from_settings(settings, engine=context.engine)  # the limit shared
             clients.append(hasoffers)
         else:
             # A mail-only deployment needs no API credentials; approve/reject runs then fail

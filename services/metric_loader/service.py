@@ -23,7 +23,8 @@ def make_handler(context: Context) -> Handler:
     settings = context.settings
     client = None
     if settings.hasoffers_network_id and settings.hasoffers_network_token:
-        client = HasOffersClient.from_settings(settings)  # one per process, shared by every load
+        # One per process, shared by every load; the rate limit shared with every process.
+        client = HasOffersClient.from_settings(settings, engine=context.engine)
         # Scheme, host and path only: a misconfigured URL could carry parameters.
         url = urlsplit(settings.hasoffers_base_url)
         port = f":{url.port}" if url.port else ""

@@ -300,7 +300,6 @@ class FakeHasOffers:
         with self.lock:
             self.request_count[name] = self.request_count.get(name, 0) + 1
             self.answered += 1
-            self.peak_usage = max(self.peak_usage, usage)
         if fault is not None and fault.kind == "data":  # e.g. a write answered `data: false`
             return {"request": request_echo, "response": {"status": 1, "httpStatus": 200, "data": fault.data,
                                                           "errors": [], "errorMessage": None}}
@@ -319,6 +318,7 @@ class FakeHasOffers:
             while recent and recent[0] <= now - self.rate_limit_window:
                 recent.popleft()
             recent.append(now)
+            self.peak_usage = max(self.peak_usage, len(recent))  # refused calls included
             return len(recent)
 
     def _take_fault(self, name: str) -> Fault | None:
