@@ -112,7 +112,7 @@ def fake():
 @pytest.fixture
 def loader_env(fake) -> dict[str, str]:
     return {"HASOFFERS_BASE_URL": fake.base_url, "HASOFFERS_NETWORK_ID": "net-hard", "HASOFFERS_NETWORK_TOKEN": TOKEN,
-            "KPI_REPORT_PAGE_SIZE": "7", "HASOFFERS_MAX_ATTEMPTS": "1"}
+            "KPI_REPORT_PAGE_SIZE": "7", "HASOFFERS_MAX_ATTEMPTS": "1", "HASOFFERS_RATE_LIMIT_CALLS": "10000"}
 
 
 def load_request(bus: Bus, metric_key: str = "cr", headers: dict | None = None) -> str:

@@ -46,7 +46,8 @@ def loader_env(fake) -> dict[str, str]:
     return {"HASOFFERS_BASE_URL": fake.base_url, "HASOFFERS_NETWORK_ID": "net-test",
             "HASOFFERS_NETWORK_TOKEN": TOKEN, "KPI_REPORT_PAGE_SIZE": "7",
             "KPI_MIN_CLICKS": str(GENERAL_MIN_CLICKS), "KPI_MIN_CONVERSIONS": str(GENERAL_MIN_CONVERSIONS),
-            "KPI_CLICK_COST": str(CLICK_COST)}
+            "KPI_CLICK_COST": str(CLICK_COST),
+            "HASOFFERS_RATE_LIMIT_CALLS": "10000"}  # the fake network's limit
 
 
 @pytest.fixture
