@@ -30,12 +30,15 @@ TOKEN = "NETrate-bench-token"
 NETWORK = "ratebench"
 
 
-def worker(base_url: str, database_url: str, seconds: float, calls: int, window: float, shared: bool = True) -> None:
+def worker(base_url: str, database_url: str, start_at: float, seconds: float, calls: int, window: float,
+           shared: bool = True) -> None:
     engine = make_engine(database_url)
     # Per process (shared=False): what each process did before the limit was shared.
     call_window = (SharedCallWindow(engine, NETWORK, calls, window, in_flight_seconds=10) if shared
                    else CallWindow(calls, window))
     stamps = []
+    # Every worker starts at the same moment, however long its process took to start.
+    time.sleep(max(0.0, start_at - time.time()))
     deadline = time.monotonic() + seconds
     with HasOffersClient(base_url, NETWORK, TOKEN, timeout=10, max_attempts=5, call_window=call_window,
                          rate_limit_pause_seconds=0.5) as client:
@@ -70,8 +73,9 @@ def measure(processes: int, seconds: float, calls: int, window: float, shared: b
     fake.start()
     try:
         with temporary_database(admin_url("KPI_BENCH_PG_ADMIN_URL"), "kpi_rate") as database_url:
+            start_at = time.time() + 5 + processes  # time for the workers to start
             command = [sys.executable, "-m", "scripts.bench_rate_limit", "--worker", fake.base_url, database_url,
-                       str(seconds), f"{calls}/{window}", "shared" if shared else "local"]
+                       f"{start_at}:{seconds}", f"{calls}/{window}", "shared" if shared else "local"]
             children = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(processes)]
             outputs = []
             for child in children:
@@ -103,13 +107,15 @@ def main() -> int:
     parser.add_argument("--limit", default="50/10", help="CALLS/SECONDS")
     parser.add_argument("--per-process", action="store_true",
                         help="count the limit in each process only (to see the network refuse calls)")
-    parser.add_argument("--worker", nargs=5, metavar=("BASE_URL", "DATABASE_URL", "SECONDS", "LIMIT", "MODE"),
+    parser.add_argument("--worker", nargs=5, metavar=("BASE_URL", "DATABASE_URL", "START_AT:SECONDS", "LIMIT", "MODE"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        base_url, database_url, seconds, limit, mode = args.worker
+        base_url, database_url, timing, limit, mode = args.worker
+        start_at, _, seconds = timing.partition(":")
         calls, _, window = limit.partition("/")
-        worker(base_url, database_url, float(seconds), int(calls), float(window), shared=mode == "shared")
+        worker(base_url, database_url, float(start_at), float(seconds), int(calls), float(window),
+               shared=mode == "shared")
         return 0
     calls, _, window = args.limit.partition("/")
     result = measure(args.processes, args.seconds, int(calls), float(window), shared=not args.per_process)

@@ -25,7 +25,7 @@ def test_three_processes_share_the_limit_and_none_starves():
     allowed = CALLS * SECONDS / WINDOW + CALLS  # the first window's burst, then CALLS per WINDOW
     assert result.total <= allowed
     # Not over-cautious: most of what the limit allows is used (calls cost milliseconds).
-    assert result.total >= 0.6 * CALLS * SECONDS / WINDOW
+    assert result.total >= 0.5 * CALLS * SECONDS / WINDOW
     # Every process gets a fair share and is never kept waiting for long.
     assert min(result.per_process) >= 0.15 * result.total, result.per_process
     assert max(result.longest_gaps) < 3 * WINDOW, result.longest_gaps
