@@ -15,12 +15,14 @@ FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /app
-COPY pyproject.toml README.md alembic.ini ./
+COPY pyproject.toml README.md alembic.ini requirements.lock ./
 COPY shared ./shared
 COPY services ./services
 COPY migrations ./migrations
 COPY seeds ./seeds
-RUN pip install . && useradd --system --uid 10001 kpi
+# The dependencies pinned and hash-checked (requirements.lock), then the project alone.
+RUN pip install --require-hashes --no-deps -r requirements.lock && pip install --no-deps . && pip check \
+    && useradd --system --uid 10001 kpi
 USER kpi
 # Each service is `python -m services.<name>`; docker-compose.yml sets the command.
 CMD ["python", "-m", "services.trigger_checker"]

@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -52,3 +53,30 @@ def test_the_wheel_holds_the_product_only(tmp_path: Path):
     assert code and not outside, outside
     assert not [n for n in names if n.startswith(("testkit/", "tests/", "scripts/")) or "fake" in n.lower()]
     assert "services/metric_loader/handler.py" in names and "migrations/versions/0001_initial_schema.py" in names
+
+
+def _pinned(lock: Path) -> dict[str, str]:
+    """{name: version} of a lock file, each pin followed by at least one sha256 hash."""
+    text = lock.read_text()
+    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)(?: ;[^\\\n]*)? \\\n\s+--hash=sha256:[0-9a-f]{64}", text, re.M))
+    assert len(pins) == len(re.findall(r"^[A-Za-z0-9_.-]+==", text, re.M)), f"{lock.name}: a pin without a hash"
+    return {re.sub(r"[-_.]+", "-", name).lower(): version for name, version in pins.items()}
+
+
+def _requirement_names(requirements: list[str]) -> set[str]:
+    return {re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9_.-]+", r).group()).lower() for r in requirements}
+
+
+def test_the_lock_files_pin_every_dependency_with_hashes_and_are_what_gets_installed():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    product = _pinned(ROOT / "requirements.lock")
+    everything = _pinned(ROOT / "requirements-test.lock")
+    assert _requirement_names(project["dependencies"]) <= set(product)
+    assert _requirement_names(project["dependencies"] + project["optional-dependencies"]["test"]) <= set(everything)
+    # One version of each package in both files, and no test package in the product's.
+    assert all(everything[name] == version for name, version in product.items())
+    assert not _requirement_names(project["optional-dependencies"]["test"]) & set(product)
+    install = " ".join(line for line in product_stage() if line.startswith(("RUN", " ")))
+    assert "pip install --require-hashes --no-deps -r requirements.lock" in install
+    assert "requirements.lock" in copied_into_the_image()
+    assert "--require-hashes --no-deps -r requirements-test.lock" in (ROOT / "scripts/venv.sh").read_text()
