@@ -9,7 +9,7 @@ from shared.handling import HandlerResult, RetryableError
 from shared.rabbitmq import H_HISTORY, H_REASON, H_RETRIES, Bus, Consumer, PublishError, queue_names, read_dead_letters, replay_dead_letters
 from shared.events import METRIC_LOADED, new_event
 from shared.profiling import top_functions
-from testkit.broker import consuming
+from testkit.broker import channel, consuming
 from testkit.processes import ServiceProcess
 from testkit.waiting import wait_for
 from tests.support import AMQP_URL, drain, queue_depth
@@ -179,8 +179,28 @@ def test_dead_letters_can_be_replayed(bus, exchange):
     assert queue_depth(names.dead) == 0
 
 
+def test_an_unroutable_output_is_retried_then_dead_lettered_never_dropped(bus, exchange):
+    attempts = []
+
+    def handler(envelope, delivery):
+        attempts.append(delivery.attempt)
+        return HandlerResult(events=[new_event("trigger.checked", {"checks": []})])
+
+    names = queue_names(exchange, "trigger_checker")
+    with running(make_consumer(exchange, handler, retry_limit=1)) as consumer:
+        with channel(AMQP_URL) as ch:  # after the consumer declared the topology: trigger.checked routes nowhere
+            ch.queue_delete(queue_names(exchange, "event_detector").work)
+        bus.publish(metric_event())
+        wait_for(lambda: queue_depth(names.dead) == 1, what="the message to be dead-lettered")
+        wait_for(lambda: consumer.stats.handled == 2, what="both attempts to finish")
+    assert attempts == [1, 2], "the failed publish was retried through the retry queue once"
+    assert queue_depth(names.work) == 0 and queue_depth(names.retry) == 0
+    [letter] = read_dead_letters(bus, "trigger_checker", 10)
+    assert "'trigger.checked' is unroutable" in letter["reason"]
+
+
 def test_handler_outputs_are_published_before_the_ack(bus, exchange):
-    """Outputs go out with confirms; an unroutable output is retried, never silently dropped."""
+    """Outputs go out with confirms and persistent, under their own message ids."""
     out = new_event("trigger.checked", {"checks": []})
 
     def handler(envelope, delivery):

@@ -46,6 +46,8 @@ def handle_concurrently(db, batches, threads=8) -> list[Exception]:
         worker.start()
     for worker in workers:
         worker.join(60)
+    # A worker still running (stuck on a lock, say) would leave its batches unchecked.
+    assert not [w for w in workers if w.is_alive()], "a worker did not finish within 60 s"
     return errors
 
 def test_the_scenario_gives_the_expected_states_and_events(db):

@@ -293,6 +293,33 @@ def test_a_redelivered_request_does_not_run_again(loader, bus, exchange, db):
         assert conn.execute(text("SELECT count(*) FROM load_runs WHERE metric_key = 'cr'")).scalar() == 1
 
 
+def test_sigterm_finishes_the_load_in_hand_and_leaves_the_others_queued(start_service, loader_env, bus, exchange,
+                                                                         db, fake):
+    first = start_service("metric_loader", **loader_env, KPI_PREFETCH="4")
+    run_of(db, request(bus, "reference"))
+    fake.inject("hold", count=1, method="Report.getStats", seconds=60)
+    in_hand = request(bus, "cr")
+    assert fake.holding.wait(30), "the load never called Report.getStats"
+    waiting = [request(bus, "pacc"), request(bus, "gtr")]
+    work = queue_names(exchange, "metric_loader").work
+    # Both delivered to the busy loader (prefetch 4), not started: nothing ready in the queue.
+    wait_for(lambda: queue_depth(work) == 0, what="the loader to hold the other two requests")
+    first.stop_soon()
+    wait_for(lambda: "stopping after the message in hand" in first.log(), what="the loader to take the SIGTERM")
+    fake.release()
+    assert first.wait(30) == 0
+    assert "stopped" in first.log()
+    with db.connect() as conn:
+        runs = dict(conn.execute(text("SELECT request_event_id::text, status FROM load_runs "
+                                      "WHERE metric_key <> 'reference'")).all())
+    assert runs == {in_hand: "succeeded"}, "the load in hand finished; the others never started"
+    assert "cr" in items_of(loaded(exchange))
+    assert queue_depth(work) == 2, "the requests it held went back to the queue"
+    start_service("metric_loader", **loader_env)
+    assert [run_of(db, event_id).status for event_id in waiting] == ["succeeded", "succeeded"]
+    assert "pacc" in items_of(loaded(exchange))  # (gtr needs tracked goals, which this network lacks)
+
+
 def test_rate_limit_and_5xx_are_waited_out(loader, bus, exchange, db, fake):
     run_of(db, request(bus, "reference"))
     fake.inject("rate_limit", count=1, method="Report.getStats")

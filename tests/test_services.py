@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 import pytest
 from sqlalchemy import text
 
+from shared.db import Base
 from shared.rabbitmq import queue_names
 from shared.events import METRIC_LOADED, new_event
 from shared.service import EXIT_BROKER_UNAVAILABLE, EXIT_DATABASE_UNAVAILABLE
@@ -42,12 +43,6 @@ def test_exits_non_zero_with_a_clear_message_when_postgresql_is_unreachable(serv
     assert "pw-s3cret" not in result.stderr + result.stdout
 
 
-def test_sigterm_stops_cleanly_and_requeues_nothing_lost(start_service, bus, exchange):
-    service = start_service("trigger_checker")
-    assert service.terminate() == 0
-    assert "stopped" in service.log()
-
-
 def broker_connection_of(process_id: int) -> str | None:
     """The broker-side pid of the connection a process named with its own pid."""
     out = subprocess.run(["rabbitmqctl", "-q", "list_connections", "pid", "client_properties"],
@@ -70,20 +65,44 @@ def test_reconnects_when_the_broker_drops_the_connection(start_service, bus, exc
     assert queue_depth(queue_names(exchange, "trigger_checker").work) == 0
 
 
-def test_the_example_seed_loads_with_psql(db, database_url):
+def every_row(db) -> dict[str, list[tuple]]:
+    """Every row of every table but the migrations' own, sorted: what a second load must not change."""
+    with db.connect() as conn:
+        return {table.name: sorted(conn.execute(table.select()).all(), key=repr)
+                for table in Base.metadata.sorted_tables if table.name not in ("metrics", "alembic_version")}
+
+
+def test_the_example_seed_loads_with_psql_and_kpi_seed_and_is_safe_to_load_twice(db, database_url, service_env):
     dsn = database_url.replace("postgresql+psycopg2://", "postgresql://")
-    for _ in range(2):  # loading twice is harmless
-        result = subprocess.run(["psql", dsn, "-v", "ON_ERROR_STOP=1", "-q", "-f", str(ROOT / "seeds/example.sql")],
+    seed = str(ROOT / "seeds/example.sql")
+
+    def with_psql():
+        result = subprocess.run(["psql", dsn, "-v", "ON_ERROR_STOP=1", "-q", "-f", seed],
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stderr
-    with db.connect() as conn:
-        counts = dict(conn.execute(text(
-            "SELECT 'triggers', count(*) FROM triggers UNION ALL SELECT 'scopes', count(DISTINCT scope) "
-            "FROM trigger_thresholds UNION ALL SELECT 'kinds', count(DISTINCT kind) FROM operations "
-            "UNION ALL SELECT 'actions', count(*) FROM actions")).all())
-        metrics = {row[0] for row in conn.execute(text("SELECT DISTINCT metric_key FROM triggers"))}
-    assert counts == {"triggers": 6, "scopes": 4, "kinds": 5, "actions": 2}
-    assert metrics == {"cr", "pacc", "gtr", "cap_fill", "clicks_zero_conv"}
+
+    def with_kpi_seed():
+        result = subprocess.run([sys.executable, "-m", "shared.cli", "seed", seed], cwd=ROOT,
+                                env={**os.environ, **service_env}, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0 and result.stdout.strip() == f"loaded {seed}", result.stderr
+
+    with_psql()
+    once = every_row(db)
+    counts = {table: len(rows) for table, rows in once.items() if rows}
+    assert counts == {"triggers": 6, "trigger_thresholds": 6, "operations": 5, "administrators": 1, "actions": 2,
+                      "action_conditions": 3, "action_operations": 4}
+    assert {row.metric_key for row in once["triggers"]} == {"cr", "pacc", "gtr", "cap_fill", "clicks_zero_conv"}
+    with_psql()
+    assert every_row(db) == once, "a second load with psql changed the tables"
+    with_kpi_seed()
+    with_kpi_seed()
+    assert every_row(db) == once, "kpi seed (twice) changed the tables"
+
+    TRUNCATE_SEEDED = ", ".join(counts)
+    with db.begin() as conn:
+        conn.execute(text(f"TRUNCATE {TRUNCATE_SEEDED} RESTART IDENTITY CASCADE"))
+    with_kpi_seed()
+    assert every_row(db) == once, "kpi seed on its own loads what psql loads"
 
 
 def test_metrics_endpoint_counts_what_was_handled_and_logs_are_json(start_service, bus, exchange):

@@ -13,8 +13,8 @@ the write calls it receives, and injects faults on request. Control endpoints (f
 the demo and for tests in another process):
 
     GET  /_fake/calls   the recorded write calls, as JSON
-    POST /_fake/faults  {"kind": "http_500" | "rate_limit" | "slow" | "malformed" | "data", "count": 1,
-                         "method": "Offer.blockAffiliate" (optional), "seconds": 2 (slow),
+    POST /_fake/faults  {"kind": "http_500" | "rate_limit" | "slow" | "malformed" | "data" | "hold", "count": 1,
+                         "method": "Offer.blockAffiliate" (optional), "seconds": 2 (slow; hold: at most),
                          "data": false (data: answer status 1 with this data, doing nothing),
                          "after": 0 (let this many matching calls through first)}
     POST /_fake/settings  {"latency": 0.2 (seconds added to every API answer),
@@ -50,7 +50,7 @@ from testkit.fake_hasoffers.queries import QueryError
 logger = logging.getLogger(__name__)
 
 API_PATH = "/Apiv3/json"
-FAULT_KINDS = ("http_500", "rate_limit", "slow", "malformed", "data")
+FAULT_KINDS = ("http_500", "rate_limit", "slow", "malformed", "data", "hold")
 EMPTY_SHAPES = ("paged", "list", "object", "null")
 REPORT_DEFAULT_LIMIT = 50
 
@@ -138,6 +138,10 @@ class FakeHasOffers:
         self.empty_shape = "paged"
         self._serial = 0  # orders unsorted answers differently on every call
         self._faults: list[Fault] = []
+        # "hold": a call waits until release() (or its fault's seconds); `holding` is set
+        # while one waits, a barrier for a test that needs a call in flight.
+        self.holding = threading.Event()
+        self._released = threading.Event()
         self._server: ThreadingHTTPServer | None = None
         # Report.getStats answers by query, so that paging through a large report does
         # not aggregate every raw row once per page. Keyed by the stats list's identity
@@ -177,6 +181,7 @@ class FakeHasOffers:
         return f"http://{host}:{port}{API_PATH}"
 
     def stop(self) -> None:
+        self._released.set()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -224,6 +229,19 @@ class FakeHasOffers:
             self.answered = self.refused_rate_limit = self.peak_usage = 0
             self.request_count.clear()
             self._reports.clear()
+
+    def pending_faults(self) -> list[tuple[str, str | None, int]]:
+        """The injected faults not used up yet: [(kind, method, count left)]."""
+        with self.lock:
+            return [(f.kind, f.method, f.count) for f in self._faults]
+
+    def release(self) -> None:
+        """Let the held calls (and any later "hold") through."""
+        self._released.set()
+
+    def clear_faults(self) -> None:
+        with self.lock:
+            self._faults.clear()
 
     def requests(self, method: str) -> int:
         """How many times `Target.method` was answered (not counting refused calls)."""
@@ -277,6 +295,9 @@ class FakeHasOffers:
                 return self._send(request, 200, b'{"response": {"status": 1, "data": {"pa', "application/json")
             if fault.kind == "slow":
                 time.sleep(fault.seconds)
+            if fault.kind == "hold":
+                self.holding.set()
+                self._released.wait(fault.seconds)
         self._send_json(request, self._answer(name, params, fault))
 
     def _answer(self, name: str, params: dict[str, Any], fault: Fault | None = None) -> dict[str, Any]:
