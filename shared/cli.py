@@ -2,6 +2,7 @@
 
     kpi migrate                      create or upgrade the schema
     kpi roles [--prefix P] [--login] the services' PostgreSQL roles and their grants (after every migrate)
+    kpi broker permissions           rabbitmqctl commands: a user per service with only its permissions
     kpi seed FILE.sql                run a SQL file (triggers, thresholds, actions...)
     kpi load cr|pacc|...|reference|all [--lookback-hours N]
     kpi status                       pairs in PROBLEM, counts per trigger
@@ -107,6 +108,12 @@ def cmd_roles(settings: Settings, args: argparse.Namespace) -> None:
     for role in applied:
         print(f"{role.role}: {'created' if role.created else 'exists'}, "
               f"{'may log in' if role.login else 'no login (no KPI_DB_PASSWORD_* given)'}; grants replaced")
+
+
+def cmd_broker(settings: Settings, args: argparse.Namespace) -> None:
+    from shared.rabbitmq import permissions
+
+    print(permissions.script(settings.kpi_exchange, args.vhost, args.prefix), end="")
 
 
 def cmd_seed(settings: Settings, args: argparse.Namespace) -> None:
@@ -489,6 +496,12 @@ def parser() -> argparse.ArgumentParser:
                         help="every role may log in, with or without a password (certificate or peer auth)")
     roles_.add_argument("--list", action="store_true", help="print the roles and what each may write")
     roles_.set_defaults(run=cmd_roles)
+    broker = sub.add_parser("broker", help="print the rabbitmqctl commands that make a user per service with "
+                                           "only its permissions (passwords from KPI_AMQP_PASSWORD_<ROLE>)")
+    broker.add_argument("action", choices=["permissions"])
+    broker.add_argument("--vhost", default="/")
+    broker.add_argument("--prefix", default="kpi_", help="user names are <prefix><service>")
+    broker.set_defaults(run=cmd_broker)
     seed = sub.add_parser("seed", help="run a SQL file against the database")
     seed.add_argument("file")
     seed.set_defaults(run=cmd_seed)

@@ -17,6 +17,7 @@ arguments: RabbitMQ refuses a declaration that differs from the queue it has, an
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from typing import Any, Literal
 import pika
 import pika.exceptions as amqp
 from pika.adapters.blocking_connection import BlockingChannel
+
+logger = logging.getLogger(__name__)
 
 # service -> the routing key its queue is bound to. Each service's service.py states
 # its own key too; shared.service checks that the two agree at start-up.
@@ -180,17 +183,50 @@ def redact_url(url: str) -> str:
     return f"{scheme}{sep}{user}:***@{host}"
 
 
-def declare_topology(channel: BlockingChannel, exchange: str, options: QueueOptions = QueueOptions()) -> None:
-    """Declare the exchange, every service's queues and the bindings.
+ACCESS_REFUSED = 403
+NOT_FOUND = 404
 
-    QueueMismatchError if a queue exists with other arguments (the channel is closed).
+
+def declare_topology(channel: BlockingChannel, exchange: str, options: QueueOptions = QueueOptions()) -> None:
+    """Declare the exchange, every service's queues and the bindings, on a channel of
+    their own (`channel` stays open whatever the broker refuses).
+
+    A user with a service's own permissions (shared/rabbitmq/permissions.py) may not
+    declare the other services' queues: for those it checks that they exist and says so
+    in the log when they do not yet. QueueMismatchError if a queue exists with other
+    arguments.
     """
-    channel.exchange_declare(exchange, exchange_type="topic", durable=True)
-    for service, routing_key in SERVICE_BINDINGS.items():
-        names = queue_names(exchange, service)
-        for queue in (names.work, names.retry, names.dead):
-            declare_queue(channel, names, queue, options)
-        channel.queue_bind(names.work, exchange, routing_key=routing_key)
+    declaring = channel.connection.channel()
+    try:
+        declaring.exchange_declare(exchange, exchange_type="topic", durable=True)
+        for service, routing_key in SERVICE_BINDINGS.items():
+            names = queue_names(exchange, service)
+            try:
+                for queue in (names.work, names.retry, names.dead):
+                    declare_queue(declaring, names, queue, options)
+                declaring.queue_bind(names.work, exchange, routing_key=routing_key)
+            except amqp.ChannelClosedByBroker as exc:
+                if exc.reply_code != ACCESS_REFUSED:
+                    raise
+                declaring = channel.connection.channel()
+                declaring = _check_declared(declaring, names)
+    finally:
+        if declaring.is_open:
+            declaring.close()
+
+
+def _check_declared(channel: BlockingChannel, names: QueueNames) -> BlockingChannel:
+    """Passive declarations (no permission needed) of a service's queues that this user
+    may not declare; a fresh channel if the broker closed this one."""
+    try:
+        channel.queue_declare(names.work, passive=True)
+    except amqp.ChannelClosedByBroker as exc:
+        if exc.reply_code != NOT_FOUND:
+            raise
+        logger.warning("queue %s is not declared yet and this user may not declare it: messages for it are "
+                       "returned until its service (or an administrator) declares it", names.work)
+        return channel.connection.channel()
+    return channel
 
 
 def declare_queue(channel: BlockingChannel, names: QueueNames, queue: str, options: QueueOptions) -> None:

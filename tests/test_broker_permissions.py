@@ -1,0 +1,129 @@
+"""RabbitMQ permissions per service, on this machine's broker: a non-admin user per
+service (made for the test, unique names, deleted afterwards) can do its service's work
+and nothing of the others'."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+from urllib.parse import quote
+
+import pika
+import pika.exceptions as amqp
+import pytest
+
+from shared.events import Envelope, new_event
+from shared.rabbitmq import SERVICE_BINDINGS, Bus, PublishError, queue_names
+from shared.rabbitmq.permissions import PUBLISHES, USERS, definitions
+from testkit.broker import delete_topology_at
+from tests.support import AMQP_URL
+
+pytestmark = pytest.mark.skipif(shutil.which("rabbitmqctl") is None, reason="rabbitmqctl is not installed")
+
+
+def _rabbitmqctl(*args: str, stdin: str | None = None) -> None:
+    result = subprocess.run(["rabbitmqctl", "-q", *args], input=stdin, capture_output=True, text=True, timeout=120)
+    if result.returncode != 0:
+        pytest.fail(f"rabbitmqctl {args[0]} failed (it needs root, as CI has): {result.stderr.strip()}")
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[tuple[str, dict[str, str]]]:
+    """An exchange with its topology declared by the administrator, and role -> the URL
+    of a user with that role's permissions."""
+    run = uuid.uuid4().hex[:10]
+    exchange = f"kpi.perm.{run}"
+    users = {role: (f"kpi_t{run}_{role}", uuid.uuid4().hex) for role in USERS}
+    host = AMQP_URL.split("@", 1)[1]
+    urls = {role: f"amqp://{user}:{quote(password, safe='')}@{host}" for role, (user, password) in users.items()}
+    try:
+        with Bus(AMQP_URL, exchange).connect():
+            pass  # the whole topology, as an administrator declares it
+        _rabbitmqctl("import_definitions", stdin=json.dumps(definitions(exchange, users)))
+        yield exchange, urls
+    finally:
+        names = "[" + ",".join(f'<<"{user}">>' for user, _ in users.values()) + "]"
+        _rabbitmqctl("eval", f"lists:foreach(fun(U) -> rabbit_auth_backend_internal:delete_user(U, <<\"test\">>) "
+                             f"end, {names}).")
+        delete_topology_at(AMQP_URL, exchange)
+
+
+def _event(routing_key: str) -> Envelope:
+    """An envelope of that type (the bus does not look inside its data)."""
+    return new_event(routing_key, {}, correlation_id="permissions")
+
+
+def _refused(action) -> bool:
+    try:
+        action()
+    except (amqp.ChannelClosedByBroker, PublishError) as exc:
+        code = getattr(exc, "reply_code", None) or getattr(getattr(exc, "__cause__", None), "reply_code", None)
+        assert code in (403, None), exc
+        return True
+    return False
+
+
+def _channel(url: str) -> pika.adapters.blocking_connection.BlockingChannel:
+    return pika.BlockingConnection(pika.URLParameters(url)).channel()
+
+
+@pytest.mark.parametrize("service", list(SERVICE_BINDINGS))
+def test_a_service_user_does_its_work_and_no_other(world, service):
+    exchange, urls = world
+    url = urls[service]
+    own = queue_names(exchange, service)
+    with Bus(url, exchange).connect() as bus:  # declares what it may, checks the rest
+        for routing_key in PUBLISHES[service]:  # operation.executed: no queue of ours is bound to it
+            bus.publish(_event(routing_key), mandatory=routing_key != "operation.executed")
+        bus.send_to_queue(own.retry, b"{}", message_id="m1", type="x", headers={}, expiration_ms=60_000)
+        bus.send_to_queue(own.dead, b"{}", message_id="m2", type="x", headers={})
+    channel = _channel(url)
+    try:
+        channel.basic_get(own.work, auto_ack=False)  # its own queue: allowed
+        channel.basic_consume(own.work, lambda *args: None)
+    finally:
+        channel.connection.close()
+
+    others = [s for s in SERVICE_BINDINGS if s != service]
+    foreign_keys = sorted({key for role in USERS for key in PUBLISHES[role]} - set(PUBLISHES[service]))
+    for routing_key in foreign_keys:
+        with Bus(url, exchange).connect() as bus:
+            assert _refused(lambda: bus.publish(_event(routing_key))), f"{service} published {routing_key}"
+    for other in others:
+        names = queue_names(exchange, other)
+        for action in (lambda ch: ch.basic_get(names.work, auto_ack=False),
+                       lambda ch: ch.queue_delete(names.work),
+                       lambda ch: ch.queue_purge(names.dead),
+                       lambda ch: ch.queue_bind(names.work, exchange, routing_key="#")):
+            channel = _channel(url)
+            try:
+                assert _refused(lambda: action(channel)), f"{service} reached {other}'s queues"
+            finally:
+                if channel.connection.is_open:
+                    channel.connection.close()
+    channel = _channel(url)
+    try:
+        assert _refused(lambda: channel.exchange_declare(f"{exchange}.other", exchange_type="topic"))
+    finally:
+        if channel.connection.is_open:
+            channel.connection.close()
+
+
+def test_the_console_user_releases_held_runs_and_reads_dead_letters_only(world):
+    exchange, urls = world
+    url = urls["console"]
+    with Bus(url, exchange).connect() as bus:
+        bus.publish(_event("trigger.event.problem"))
+        assert _refused(lambda: bus.publish(_event("metric.loaded")))
+    for service in SERVICE_BINDINGS:
+        names = queue_names(exchange, service)
+        channel = _channel(url)
+        try:
+            channel.basic_get(names.dead, auto_ack=False)  # allowed: the /dead page reads and hands back
+            assert _refused(lambda: channel.basic_get(names.work, auto_ack=False))
+        finally:
+            if channel.connection.is_open:
+                channel.connection.close()
