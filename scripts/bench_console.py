@@ -59,6 +59,15 @@ def main() -> int:
         with engine.begin() as conn:
             world = seed_console_world(conn, offers=args.offers, affiliates=args.affiliates, rounds=args.rounds,
                                        interval=timedelta(minutes=15), long_history=args.long_history)
+        with engine.begin() as conn:
+            # Silences and held rejects for their pages: 40 silences (half ended), 300 held runs.
+            conn.execute(text(
+                "INSERT INTO silences (trigger_id, offer_id, starts_at, ends_at, reason, created_by) "
+                "SELECT 1 + i % 4, i, now() - interval '1 day', now() + (i - 20) * interval '1 hour', "
+                "'maintenance window ' || i, 'ops' FROM generate_series(1, 40) i"))
+            conn.execute(text(
+                "UPDATE operation_runs SET status = 'held', detail = 'held: the hourly cap', finished_at = created_at "
+                "WHERE id IN (SELECT id FROM operation_runs WHERE kind = 'reject_affiliate' ORDER BY id DESC LIMIT 300)"))
         seeded = time.monotonic() - started
         with engine.connect() as conn:
             conn.execute(text("VACUUM ANALYZE"))
@@ -106,6 +115,9 @@ def main() -> int:
             ("pair 1/1 JSON", "/api/pairs/1/1"),
             ("pair 1/1, checks page 100", "/pairs/1/1?trigger=1&checks_page=100"),
             ("loads", "/loads"),
+            ("silences (20 in force)", "/silences"),
+            ("held rejects (300)", "/held"),
+            ("held rejects JSON", "/api/held"),
         ]
         print(f"\n{args.requests} requests per page after 5 warm-up requests, one keep-alive connection:\n")
         print(f"{'page':42} {'median':>9} {'p95':>9} {'max':>9} {'bytes':>9}")

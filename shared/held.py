@@ -24,7 +24,8 @@ class HeldError(Exception):
     """Bad input (unknown or not held ids): the message is for a person."""
 
 
-def listing(conn: Connection, limit: int = 500) -> list[dict]:
+def listing(conn: Connection, limit: int = 500, offset: int = 0) -> list[dict]:
+    """Held runs, oldest first."""
     r, e = OperationRun, TriggerEvent
     rows = conn.execute(
         select(r.id, r.trigger_event_id, Trigger.name.label("trigger"), e.offer_id, Offer.name.label("offer_name"),
@@ -32,7 +33,7 @@ def listing(conn: Connection, limit: int = 500) -> list[dict]:
                r.detail, r.created_at, r.finished_at)
         .join(e, e.id == r.trigger_event_id).join(Trigger, Trigger.id == e.trigger_id)
         .outerjoin(Offer, Offer.id == e.offer_id).outerjoin(Affiliate, Affiliate.id == e.affiliate_id)
-        .where(r.status == "held").order_by(r.id).limit(limit)).all()
+        .where(r.status == "held").order_by(r.id).limit(limit).offset(offset)).all()
     return [row._asdict() for row in rows]
 
 

@@ -207,8 +207,16 @@ def test_held_rejects_are_listed_with_names_escaped(served):
         html = client.get("/held").text
         api = client.get("/api/held").json()
     still_held = [r["id"] for r in api["held"]]
-    assert still_held == sorted(still_held) and api["total"] == len(still_held)
+    assert still_held == sorted(still_held) and api["total"] == len(still_held) and api["pages"] == 1
     assert [int(attrs["data-run-id"]) for attrs, _ in table_rows(html)] == still_held
+    with served.client() as client:
+        second = client.get("/api/held", params={"per_page": "2", "page": "2"}).json()
+        assert [r["id"] for r in second["held"]] == still_held[2:4] and second["pages"] == -(-len(still_held) // 2)
+        paged = client.get("/held", params={"per_page": "2", "page": "2"}).text
+        assert [int(attrs["data-run-id"]) for attrs, _ in table_rows(paged)] == still_held[2:4]
+        assert "page 2 of" in paged and f"Release all {len(still_held)}" in paged
+        assert client.get("/held", params={"page": "0"}).status_code == 400
+        assert client.get("/api/held", params={"per_page": "x"}).json()["error"].startswith("per_page must be")
     if served.held[0] in still_held:
         first = api["held"][0]
         assert (first["offer_name"], first["affiliate_company"]) == (HOSTILE_OFFER, HOSTILE_COMPANY)
@@ -254,6 +262,6 @@ def test_held_rejects_discarded_one_and_all_and_bad_decisions(served):
         assert client.post("/held/approve", data={"csrf_token": served.token(), "all": "1"}).status_code == 404
         everything = client.post("/held/discard", data={"csrf_token": served.token(), "all": "1"})
         assert everything.headers["location"] == f"/held?discarded={','.join(map(str, rest))}"
-        assert client.get("/api/held").json() == {"held": [], "total": 0}
+        assert client.get("/api/held").json() == {"held": [], "total": 0, "page": 1, "per_page": 50, "pages": 1}
         assert "No reject is held." in client.get("/held").text
     assert served.scalar("SELECT count(*) FROM operation_runs WHERE status = 'held'") == 0

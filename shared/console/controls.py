@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -29,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 MAX_ID = 2**31 - 1
 SILENCES_SHOWN = 200
-HELD_SHOWN = 500     # the oldest first; "release all" and "discard all" take every one
+HELD_PER_PAGE = 50   # oldest first; "release all" and "discard all" take every one
 SILENCE_FIELDS = ("trigger", "offer", "affiliate", "for", "until", "reason")
 
 
@@ -125,11 +126,24 @@ def end_silence(request: Request) -> Response:
 
 
 def _held_data(request: Request) -> dict[str, Any]:
+    number = _query_int(request, "page", 1, MAX_ID)
+    size = _query_int(request, "per_page", HELD_PER_PAGE, 500)
     with reading(request.app.state.engine) as conn:
-        rows = held.listing(conn, limit=HELD_SHOWN + 1)
-        total = len(rows) if len(rows) <= HELD_SHOWN else conn.execute(
-            select(func.count()).select_from(queries.runs).where(queries.runs.c.status == "held")).scalar_one()
-    return {"held": rows[:HELD_SHOWN], "total": total}
+        # Counted by the partial index of the held runs.
+        total = conn.execute(select(func.count()).select_from(queries.runs)
+                             .where(queries.runs.c.status == "held")).scalar_one()
+        page = queries.Page(number, size, total)
+        rows = held.listing(conn, limit=page.size, offset=page.offset)
+    return {"held": rows, "total": total, "page": page}
+
+
+def _query_int(request: Request, name: str, default: int, high: int) -> int:
+    raw = request.query_params.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit() or not 1 <= int(raw) <= high:
+        raise HTTPException(400, f"{name} must be a whole number from 1 to {high}")
+    return int(raw)
 
 
 def held_page(request: Request, error: str | None = None, status_code: int = 200) -> Response:
@@ -143,7 +157,7 @@ def held_page(request: Request, error: str | None = None, status_code: int = 200
 
 def held_api(request: Request) -> Response:
     data = _held_data(request)
-    return json_response({"held": data["held"], "total": data["total"]})
+    return json_response({**data["page"].as_json(), "held": data["held"]})
 
 
 def decide_held(request: Request) -> Response:

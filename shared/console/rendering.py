@@ -49,8 +49,12 @@ def render(request: Request, template: str, context: dict[str, Any], status_code
     def url_with(**changes: Any) -> str:
         return url_with_params(request, **changes)
 
+    token: list[str] = []  # one token for every form of the page, made when the first asks
+
     def csrf_field() -> Markup:
-        return Markup('<input type="hidden" name="{}" value="{}">').format(CSRF_FIELD, csrf_token(request))
+        if not token:
+            token.append(csrf_token(request))
+        return Markup('<input type="hidden" name="{}" value="{}">').format(CSRF_FIELD, token[0])
 
     html = env.get_template(template).render(
         request=request, user=user_of(request), url_with=url_with, csrf_field=csrf_field,
