@@ -10,6 +10,11 @@ that an offer's categories and the caps of an offer that was read are replaced b
 the API says now. Local settings (offers.monitoring, tracked_goal_id, min_clicks,
 min_conversions; categories.min_clicks; employees.secondary_email, use_secondary) are
 never overwritten.
+
+Calls: one per page of 1,000 records of each model (Offer, Goal, Affiliate,
+AffiliateUser, Employee). Conversion caps come with the offers (`contain[]=
+OfferConversionCap` on Offer.findAll); only on a network that refuses or ignores that
+contain are they read with a call per active monitored offer (Offer.getConversionCaps).
 """
 
 from __future__ import annotations
@@ -24,11 +29,13 @@ from sqlalchemy import Connection, Engine, delete, func, select
 from sqlalchemy.dialects.postgresql import insert
 
 from shared.db import Affiliate, AffiliateUser, Category, ConversionCap, Employee, Goal, Offer, OfferCategory
-from shared.hasoffers import HasOffersClient, HasOffersResponseError
+from shared.hasoffers import HasOffersApiError, HasOffersClient, HasOffersResponseError
 from shared.sql import connection, transaction
 from shared.vocabulary import INT4_MAX
 
 logger = logging.getLogger(__name__)
+
+CAP_MODEL = "OfferConversionCap"
 
 
 @dataclass
@@ -44,6 +51,7 @@ class ReferenceData:
     affiliates: dict[int, dict[str, Any]] = field(default_factory=dict)
     users: dict[int, dict[str, Any]] = field(default_factory=dict)
     employees: dict[int, dict[str, Any]] = field(default_factory=dict)
+    cap_calls: int = 0  # offers whose caps took a call of their own (the contain did not work)
     cleaned: int = 0  # text fields that had NUL characters removed
     skipped: list[str] = field(default_factory=list)  # why each unreadable record was left out
 
@@ -107,12 +115,28 @@ def _nested(value: Any) -> Iterable[Mapping[str, Any]]:
     return []
 
 
+def _offer_records(client: HasOffersClient, page_size: int) -> tuple[list[dict[str, Any]], bool]:
+    """Every offer with its categories and, when the network lets Offer.findAll contain
+    them, its conversion caps: one page of 1,000 offers instead of a call per offer.
+    Whether the contain worked: a network that refuses it is read without it."""
+    try:
+        return list(client.find_all("Offer", {"contain": ["OfferCategory", CAP_MODEL]}, page_size=page_size)), True
+    except HasOffersApiError as exc:
+        logger.warning("reference: Offer.findAll would not contain %s (%s); caps are read offer by offer",
+                       CAP_MODEL, exc)
+        return list(client.find_all("Offer", {"contain": ["OfferCategory"]}, page_size=page_size)), False
+
+
 def fetch(client: HasOffersClient, engine: Engine, page_size: int) -> ReferenceData:
     data = ReferenceData()
-    for record in client.find_all("Offer", {"contain": ["OfferCategory"]}, page_size=page_size):
+    contained_caps: dict[int, Any] = {}  # offer id -> its OfferConversionCap records, as contained
+    records, _ = _offer_records(client, page_size)
+    for record in records:
         with _record(data, "Offer"):
             body = _model(record, "Offer")
             offer_id = _id(body, "id", "Offer")
+            if CAP_MODEL in record:  # absent: the network ignored the contain
+                contained_caps[offer_id] = record[CAP_MODEL]
             categories = {}
             for category in _nested(record.get("OfferCategory")):
                 categories[_id(category, "id", "OfferCategory")] = data.text(category.get("name"))
@@ -147,7 +171,12 @@ def fetch(client: HasOffersClient, engine: Engine, page_size: int) -> ReferenceD
             data.employees[employee_id] = {"id": employee_id, "email": data.text(body.get("email")),
                                            "status": data.text(body.get("status"))}
     for offer_id in _cap_offers(engine, data.offers.values()):
-        data.caps[offer_id] = _caps(client, offer_id, data)
+        if offer_id in contained_caps:
+            data.caps[offer_id] = _cap_rows(offer_id, contained_caps[offer_id], data, f"Offer.findAll {CAP_MODEL}")
+        else:
+            data.caps[offer_id] = _cap_rows(offer_id, client.call("Offer", "getConversionCaps", {"id": offer_id}),
+                                            data, "Offer.getConversionCaps")
+            data.cap_calls += 1
     return data
 
 
@@ -168,13 +197,15 @@ def _cap_offers(engine: Engine, offers: Iterable[dict[str, Any]]) -> list[int]:
     return [o["id"] for o in offers if o["status"] == "active" and o["id"] not in off]
 
 
-def _caps(client: HasOffersClient, offer_id: int, data: ReferenceData) -> list[dict[str, int]]:
+def _cap_rows(offer_id: int, answer: Any, data: ReferenceData, source: str) -> list[dict[str, int]]:
+    """An offer's caps from getConversionCaps (records wrapped in OfferConversionCap) or
+    from a contain (the fields themselves)."""
     caps: dict[int, int] = {}
-    for record in _nested(client.call("Offer", "getConversionCaps", {"id": offer_id})):
-        with _record(data, "OfferConversionCap"):
-            body = record.get("OfferConversionCap", record)
+    for record in _nested(answer):
+        with _record(data, CAP_MODEL):
+            body = record.get(CAP_MODEL, record)
             if not isinstance(body, Mapping):
-                raise HasOffersResponseError("Offer.getConversionCaps: a record has no OfferConversionCap object")
+                raise HasOffersResponseError(f"{source}: a record has no {CAP_MODEL} object")
             affiliate_id = _optional_id(body, "affiliate_id", "OfferConversionCap")
             if affiliate_id is None:  # a cap for the whole offer, not a pair
                 continue
@@ -218,7 +249,8 @@ def load(client: HasOffersClient, engine: Engine, page_size: int) -> tuple[int, 
     """Refresh the reference tables; the number of records read, and what was cleaned or skipped."""
     data = fetch(client, engine, page_size)
     store(engine, data)
-    logger.info("reference stored: %d offers, %d categories, %d goals, %d caps, %d affiliates, %d users, "
-                "%d employees", len(data.offers), len(data.categories), len(data.goals),
-                sum(len(c) for c in data.caps.values()), len(data.affiliates), len(data.users), len(data.employees))
+    logger.info("reference stored: %d offers, %d categories, %d goals, %d caps (%d offers' caps read one by one), "
+                "%d affiliates, %d users, %d employees", len(data.offers), len(data.categories), len(data.goals),
+                sum(len(c) for c in data.caps.values()), data.cap_calls, len(data.affiliates), len(data.users),
+                len(data.employees))
     return data.records, data.notes()

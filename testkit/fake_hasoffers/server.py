@@ -136,6 +136,8 @@ class FakeHasOffers:
         self.peak_usage = 0
         self.latency = 0.0  # seconds added to every API answer
         self.empty_shape = "paged"
+        # Models Offer.findAll refuses to contain (a network where the contain is not offered).
+        self.refused_contains: set[str] = set()
         self._serial = 0  # orders unsorted answers differently on every call
         self._faults: list[Fault] = []
         # "hold": a call waits until release() (or its fault's seconds); `holding` is set
@@ -485,10 +487,28 @@ def report_get_stats(fake: FakeHasOffers, params: dict[str, Any]) -> Any:
     return data
 
 
+def _offer_caps(fake: FakeHasOffers) -> dict[int, dict[str, dict[str, str]]]:
+    """Every offer's OfferConversionCap records, keyed by cap id (ids numbered over all caps)."""
+    caps: dict[int, dict[str, dict[str, str]]] = {}
+    for cap_id, ((o, a), cap) in enumerate(sorted(fake.network.caps.items()), start=1):
+        caps.setdefault(o, {})[str(cap_id)] = {
+            "id": str(cap_id), "offer_id": str(o), "affiliate_id": str(a), "conversion_cap": str(cap),
+            "payout_cap": "0.00", "revenue_cap": "0.00", "monthly_conversion_cap": "0",
+            "monthly_payout_cap": "0.00", "monthly_revenue_cap": "0.00"}
+    return caps
+
+
 @api("Offer.findAll")
 def offer_find_all(fake: FakeHasOffers, params: dict[str, Any]) -> Any:
     contain = queries.as_values(params.get("contain"))
+    for model in contain:
+        if model in fake.refused_contains:
+            raise FakeApiError(f"Invalid contain {model}")
     records = {i: offer_record(fake, i, "OfferCategory" in contain) for i in fake.network.offers}
+    if "OfferConversionCap" in contain:  # the offer's caps, as a contained model: fields unwrapped
+        caps = _offer_caps(fake)
+        for i, record in records.items():
+            record["OfferConversionCap"] = caps.get(i) or []
     for record in records.values():  # other containable models are empty in the fake
         record.update({c: [] for c in contain if c not in record and c != "Offer"})
     return _found(fake, queries.find(records, "Offer", params), params)
@@ -501,13 +521,7 @@ def offer_get_conversion_caps(fake: FakeHasOffers, params: dict[str, Any]) -> An
         raise FakeApiError("Row id is negative")
     if offer_id not in fake.network.offers:
         raise FakeApiError(f"Failed to hydrate rows: {offer_id}")
-    caps = {}
-    for cap_id, ((o, a), cap) in enumerate(sorted(fake.network.caps.items()), start=1):
-        if o == offer_id:
-            caps[str(cap_id)] = {"OfferConversionCap": {
-                "id": str(cap_id), "offer_id": str(o), "affiliate_id": str(a), "conversion_cap": str(cap),
-                "payout_cap": "0.00", "revenue_cap": "0.00", "monthly_conversion_cap": "0",
-                "monthly_payout_cap": "0.00", "monthly_revenue_cap": "0.00"}}
+    caps = {cap_id: {"OfferConversionCap": cap} for cap_id, cap in _offer_caps(fake).get(offer_id, {}).items()}
     return caps or []
 
 
