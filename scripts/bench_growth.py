@@ -19,6 +19,8 @@ against a database and an exchange of their own (scripts/bench_pipeline.py's see
 4. Dropping the oldest day (both tables) as the retention upkeep does it, timed.
 5. Size: bytes per million rows of each table (heap, indexes, TOAST) and per million
    values with their checks (this seed checks each value with 2 triggers).
+6. Migration 0010 (partitioning an existing database) timed on a database of its own
+   holding `--migration-rows` rows in each table.
 
 The wall-clock figures move with the machine's other tenants; the CPU figures and the
 ratios of two phases run minutes apart in one invocation move far less. Everything it
@@ -39,13 +41,15 @@ from pathlib import Path
 
 from sqlalchemy import Engine, text
 
+from alembic.script import ScriptDirectory
+
 from scripts import bench_pipeline as pipeline
-from shared import partitions
+from shared import migrate, partitions
 from shared.db import make_engine
 from shared.events import METRIC_LOADED
 from shared.rabbitmq import Bus
 from testkit import broker
-from testkit.database import admin_url, drop_database, migrated_database
+from testkit.database import admin_url, create_database, drop_database, migrated_database
 from testkit.processes import ServiceProcess
 
 SLOTS_PER_DAY = 96  # a load every 15 minutes
@@ -161,12 +165,45 @@ def drop_oldest_day(engine: Engine, today, days: int) -> dict[str, float]:
     return {"rows": sum(rows.values()), "seconds": seconds}
 
 
+def time_migration(pg_admin: str, rows: int) -> dict[str, float]:
+    """Migration 0010 on a database holding `rows` rows in each table (over the last 30
+    days), timed: what an upgrade of an existing deployment costs."""
+    name = f"kpi_growth_mig_{uuid.uuid4().hex[:8]}"
+    url = create_database(pg_admin, name)
+    engine = make_engine(url)
+    try:
+        before = ScriptDirectory.from_config(migrate.alembic_config(url)).get_revision("0010").down_revision
+        migrate.upgrade(url, before)
+        pipeline.seed(engine)
+        with engine.begin() as conn:
+            conn.execute(text(
+                "INSERT INTO metric_values (metric_key, offer_id, affiliate_id, value, measured_at, event_id) "
+                "SELECT (ARRAY['cr','pacc','gtr','clicks_zero_conv','cap_fill'])[1 + g % 5], 1 + (g / 5) % 2000, "
+                "1 + g / 10000, (g % 1000) / 1000.0, now() - (g % 2880) * interval '15 minutes', "
+                "'00000000-0000-4000-8000-' || lpad((g % 2880)::text, 12, '0') FROM generate_series(0, :n - 1) g"),
+                {"n": rows})
+            conn.execute(text(
+                "INSERT INTO trigger_checks (trigger_id, offer_id, affiliate_id, value, operator, threshold, status, "
+                "measured_at) SELECT (SELECT min(id) FROM triggers) + g % 10, 1 + (g / 10) % 2000, 1 + g / 20000, "
+                "0.5, 'lt', 0.1, 'OK', now() - (g % 2880) * interval '15 minutes' FROM generate_series(0, :n - 1) g"),
+                {"n": rows})
+        started = time.monotonic()
+        migrate.upgrade(url, "0010")
+        seconds = time.monotonic() - started
+    finally:
+        engine.dispose()
+        drop_database(pg_admin, name)
+    return {"rows_per_table": rows, "seconds": seconds, "seconds_per_million_rows": seconds / (2 * rows / 1e6)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=50_000_000, help="rows put into each table before phase 3")
     parser.add_argument("--days", type=int, default=30, help="days (before yesterday) the rows are spread over")
     parser.add_argument("--rounds", type=int, default=3, help="measured rounds of 25,000 values per phase")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds allowed for a phase")
+    parser.add_argument("--migration-rows", type=int, default=1_000_000,
+                        help="rows per table of the database migration 0010 is timed on (0: not timed)")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object too")
     args = parser.parse_args()
     if args.days < 2:
@@ -251,6 +288,10 @@ def main() -> int:
                 step()
             except Exception as exc:
                 print(f"cleanup: {type(exc).__name__}: {exc}", file=sys.stderr)
+    if args.migration_rows:
+        results["migration"] = m = time_migration(pg_admin, args.migration_rows)
+        print(f"migration 0010 (partitioning) of {args.migration_rows:,} rows in each table: {m['seconds']:.1f}s "
+              f"= {m['seconds_per_million_rows']:.1f}s per million rows", flush=True)
     print(f"machine: {results['machine']}")
     if args.json:
         print(json.dumps(results, default=str))
