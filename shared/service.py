@@ -44,8 +44,12 @@ class Context:
 
 
 def run_service(service: str, consumes: str, make_handler: Callable[[Context], Handler],
-                background: Callable[[Context, Consumer], None] | None = None) -> int:
-    """Run `service`, which consumes the routing key `consumes`, until SIGTERM."""
+                background: Callable[[Context, Consumer], Callable[[], None] | None] | None = None) -> int:
+    """Run `service`, which consumes the routing key `consumes`, until SIGTERM.
+
+    `background` starts work beside the consumer (a schedule, a ticker) and may return a
+    function that stops it: called once the consumer has stopped, before the process exits,
+    so that the work is not cut off in the middle by the interpreter's exit."""
     if SERVICE_BINDINGS.get(service) != consumes:
         raise AssertionError(f"{service} consumes {consumes!r} but the topology binds its queue to "
                              f"{SERVICE_BINDINGS.get(service)!r}")
@@ -84,8 +88,7 @@ def run_service(service: str, consumes: str, make_handler: Callable[[Context], H
     signal.signal(signal.SIGINT, on_signal)
     if settings.kpi_metrics_port:
         serve(metrics, settings.kpi_metrics_port, healthy=consumer.ready.is_set)
-    if background is not None:
-        background(context, consumer)
+    stop_background = background(context, consumer) if background is not None else None
 
     logger.info("starting; exchange=%s, %s", settings.kpi_exchange, queue_options(settings).describe())
     try:
@@ -100,6 +103,8 @@ def run_service(service: str, consumes: str, make_handler: Callable[[Context], H
         print(f"{service}: cannot start: {exc}", file=sys.stderr)
         return EXIT_QUEUE_MISMATCH
     finally:
+        if stop_background is not None:
+            stop_background()
         engine.dispose()
     logger.info("stopped")
     return 0

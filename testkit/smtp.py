@@ -54,7 +54,9 @@ class FakeSmtpServer:
     "451 4.3.0 try again later"); `delay` holds each accepted mail; `together` holds each
     mail until that many are being sent at once (a barrier, 10 s at most), and
     `most_at_once` says how many were; `hold_until` (a callable) holds each mail until it
-    returns true (10 s at most): a barrier on something else. `on_next_mail` is called once, with the client's
+    returns true (`hold_seconds` at most, 10 by default; `holds_timed_out` counts the mails
+    let go at that limit, so a test can tell a barrier met from one given up on): a barrier
+    on something else. `on_next_mail` is called once, with the client's
     port, after the next mail is taken and before the client hears "250": a fault that
     kills the sender in the middle of its send.
     """
@@ -67,6 +69,8 @@ class FakeSmtpServer:
         self.together = 0
         self.most_at_once = 0
         self.hold_until: Callable[[], bool] | None = None
+        self.hold_seconds = 10.0
+        self.holds_timed_out = 0
         self.replies: list[str] = []
         self.received: list[ReceivedMail] = []
         self.data_commands = 0
@@ -83,10 +87,14 @@ class FakeSmtpServer:
             self._in_flight += 1
             self.most_at_once = max(self.most_at_once, self._in_flight)
         try:
-            deadline = asyncio.get_running_loop().time() + 10
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + (self.hold_seconds if self.hold_until else 10)
             while ((self.most_at_once < self.together or (self.hold_until and not self.hold_until()))
-                   and asyncio.get_running_loop().time() < deadline):
+                   and loop.time() < deadline):
                 await asyncio.sleep(0.01)
+            if self.hold_until and not self.hold_until():
+                with self._lock:
+                    self.holds_timed_out += 1
             if self.delay:
                 await asyncio.sleep(self.delay)
         finally:

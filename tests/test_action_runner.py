@@ -162,6 +162,7 @@ def test_two_replicas_with_the_same_event_act_once(world, start, bus, smtp, exch
     # is in the SMTP server; the mail goes through only once the other replica has met
     # the held runs and let them be.
     smtp.hold_until = lambda: "being handled elsewhere" in first.log() + second.log()
+    smtp.hold_seconds = 120  # a deadline for a stuck test, not a timing assumption: the barrier lifts it
     work = queue_names(exchange, SERVICE).work
     assert bus.channel is not None
     wait_for(lambda: bus.channel.queue_declare(work, passive=True).method.consumer_count == 2,
@@ -175,6 +176,7 @@ def test_two_replicas_with_the_same_event_act_once(world, start, bus, smtp, exch
                                                                 ("ops@net.example",)]
     # A replica met the runs the other one held in its send, and let them be.
     assert "being handled elsewhere" in first.log() + second.log()
+    assert smtp.holds_timed_out == 0, "a mail went out before the other replica met the held runs"
 
 
 def test_values_are_escaped_and_a_subject_cannot_inject_a_header(world, start, bus, smtp):

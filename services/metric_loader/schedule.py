@@ -65,6 +65,7 @@ class Schedule:
                 logger.exception("schedule tick failed")
             self.stopping.wait(self.tick_seconds)
         self.outbox.close()
+        logger.info("schedule stopped")
 
     def tick(self) -> None:
         self.outbox.keep_alive()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from services.metric_loader.handler import LoaderConfig, handle_load_requested
@@ -37,12 +38,20 @@ def make_handler(context: Context) -> Handler:
                              config=LoaderConfig.from_settings(settings))
 
 
-def start_schedule(context: Context, consumer: Consumer) -> None:
+def start_schedule(context: Context, consumer: Consumer) -> Callable[[], None] | None:
     s = context.settings
     if not (s.kpi_schedule_metrics_seconds or s.kpi_schedule_reference_seconds):
-        return
-    Schedule(context.engine, context.publisher, metrics_seconds=s.kpi_schedule_metrics_seconds,
-             reference_seconds=s.kpi_schedule_reference_seconds, lookback_hours=s.kpi_lookback_hours).start()
+        return None
+    schedule = Schedule(context.engine, context.publisher, metrics_seconds=s.kpi_schedule_metrics_seconds,
+                        reference_seconds=s.kpi_schedule_reference_seconds, lookback_hours=s.kpi_lookback_hours)
+    thread = schedule.start()
+
+    def stop() -> None:
+        # The tick in progress finishes: a slot claimed is also logged and published.
+        schedule.stopping.set()
+        thread.join(30)
+
+    return stop
 
 
 def main() -> int:
