@@ -34,12 +34,14 @@ DECISION_COLUMNS = ("status", "decided_by", "decided_at", "finished_at", "starte
 
 # Role (without its prefix) -> table -> privileges beyond SELECT.
 WRITES: dict[str, dict[str, str]] = {
-    "metric_loader": {**{table: "INSERT, UPDATE, DELETE" for table in REFERENCE}, "load_runs": "INSERT, UPDATE"},
+    # hasoffers_call_slots: the network's API rate limit, shared by every process that calls HasOffers.
+    "metric_loader": {**{table: "INSERT, UPDATE, DELETE" for table in REFERENCE}, "load_runs": "INSERT, UPDATE",
+                      "hasoffers_call_slots": "INSERT, UPDATE"},
     "trigger_checker": {"metric_values": "INSERT, UPDATE, DELETE", "trigger_checks": "INSERT, UPDATE, DELETE"},
     "event_detector": {"trigger_states": "INSERT, UPDATE", "trigger_events": "INSERT, UPDATE"},
     "action_runner": {"operation_runs": "INSERT, UPDATE", "action_firings": "INSERT, UPDATE",
                       "action_evaluations": "INSERT, UPDATE", "digests": "INSERT, UPDATE",
-                      "reject_cap_alerts": "INSERT, UPDATE"},
+                      "reject_cap_alerts": "INSERT, UPDATE", "hasoffers_call_slots": "INSERT, UPDATE"},
     "console": {"silences": "INSERT, UPDATE", "operation_runs": f"UPDATE ({', '.join(DECISION_COLUMNS)})"},
     "reader": {},
 }
