@@ -11,6 +11,7 @@ import time
 from urllib.parse import urlsplit
 
 import httpx
+import pytest
 
 from testkit.ports import port_open
 from tests.support import ROOT
@@ -18,6 +19,8 @@ from tests.support import ROOT
 KEPT = "press Ctrl-C to stop them"
 
 
+# The whole pipeline, its ~400 emails and a backtest: minutes on a busy machine.
+@pytest.mark.timeout(600)
 def test_the_demo_runs_the_pipeline_prints_a_summary_and_keeps_the_console_running():
     demo = subprocess.Popen([sys.executable, "-m", "scripts.demo", "--keep"], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -31,7 +34,7 @@ def test_the_demo_runs_the_pipeline_prints_a_summary_and_keeps_the_console_runni
     threading.Thread(target=read, daemon=True).start()
     seen: list[str] = []
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 480
         while not seen or KEPT not in seen[-1]:
             line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
             assert line is not None, "the demo ended before it said it keeps running:\n" + "".join(seen)
