@@ -84,16 +84,18 @@ def test_a_day_without_partition_goes_to_default_and_moves_when_its_partition_is
 
 
 def test_retention_drops_whole_days_and_what_named_their_checks_keeps_its_facts(fresh: Engine):
-    now = datetime.now(timezone.utc)
-    today = now.date()
-    old_day, kept_day = today - 12 * DAY, today - 9 * DAY
+    today = datetime.now(timezone.utc).date()
+    now = partitions.day_start(today) + timedelta(hours=12)
+    # Ten days kept: the cutoff falls at noon of edge_day, which is kept (part of it is newer).
+    old_day, edge_day, kept_day = today - 12 * DAY, today - 10 * DAY, today - 9 * DAY
     with fresh.begin() as conn:
-        for day in (old_day, kept_day):
+        for day in (old_day, edge_day, kept_day):
             partitions.create_day_partition(conn, "metric_values", day)
             partitions.create_day_partition(conn, "trigger_checks", day)
         trigger_id = conn.execute(text("INSERT INTO triggers (name, metric_key, operator, threshold) "
                                        "VALUES ('low cr', 'cr', 'lt', 1) RETURNING id")).scalar()
         old_value, kept_value = _value(conn, _at(old_day)), _value(conn, _at(kept_day))
+        edge_value = _value(conn, _at(edge_day, hour=13))
         stray = _value(conn, _at(today - 40 * DAY), offer_id=2)  # no partition: the default one
         check_id = conn.execute(text(
             "INSERT INTO trigger_checks (trigger_id, offer_id, affiliate_id, value, operator, threshold, status, "
@@ -108,14 +110,13 @@ def test_retention_drops_whole_days_and_what_named_their_checks_keeps_its_facts(
             "value, threshold) VALUES (:t, 1, 1, 'PROBLEM', :m, :m, :c, 0.5, 1)"),
             {"t": trigger_id, "c": check_id, "m": _at(old_day)})
 
-    # Ten days kept: old_day ends before the cutoff, kept_day does not.
     pruned = partitions.prune(fresh, 10, now)
     assert pruned is not None
     assert set(pruned.dropped) == {partitions.partition_name(t, old_day) for t in partitions.PARTITIONED_TABLES}
     assert pruned.default_rows_deleted == 1
     with fresh.connect() as conn:
         ids = set(conn.scalars(text("SELECT id FROM metric_values")))
-        assert old_value not in ids and stray not in ids and kept_value in ids
+        assert old_value not in ids and stray not in ids and {kept_value, edge_value} <= ids
         assert conn.execute(text("SELECT count(*) FROM trigger_checks")).scalar() == 0
         message = trigger_event_message(conn, event_id)
         assert message is not None
@@ -123,7 +124,7 @@ def test_retention_drops_whole_days_and_what_named_their_checks_keeps_its_facts(
                                                                                          check_id)
         state = conn.execute(text("SELECT status, value, threshold FROM trigger_states")).one()
         assert tuple(state) == ("PROBLEM", 0.5, 1.0)
-        assert partitions.retained_since(conn) == partitions.day_start(kept_day)
+        assert partitions.retained_since(conn) == partitions.day_start(edge_day)
     assert partitions.prune(fresh, 10, now) == partitions.Pruned([], 0)
     assert partitions.prune(fresh, 0, now + 1000 * DAY) == partitions.Pruned([], 0)  # 0 keeps everything
 
