@@ -18,6 +18,7 @@ from shared import cli, partitions
 from shared.db import make_engine
 from shared.recorded import trigger_event_message
 from testkit.database import temporary_database
+from testkit.waiting import wait_for
 from tests.support import PG_ADMIN_URL
 
 DAY = timedelta(days=1)
@@ -142,3 +143,22 @@ def test_kpi_partitions_prune_and_list(fresh: Engine, monkeypatch, capsys):
     days = {t["table"]: t["days"] for t in listed["tables"]}
     assert (today - 5 * DAY).isoformat() not in days["metric_values"]
     assert (today + partitions.AHEAD_DAYS * DAY).isoformat() in days["trigger_checks"]
+
+
+def test_the_trigger_checker_keeps_the_partitions_from_its_start(db: Engine, start_service):
+    """The upkeep runs in the service: at start it drops a day past KPI_RETENTION_DAYS and
+    has the days ahead made (here: recreates a dropped one)."""
+    today = datetime.now(timezone.utc).date()
+    old_day, ahead_day = today - 100 * DAY, today + partitions.AHEAD_DAYS * DAY
+    with db.begin() as conn:
+        if old_day not in partitions.day_partitions(conn, "metric_values"):
+            partitions.create_day_partition(conn, "metric_values", old_day)
+        conn.execute(text(f"DROP TABLE IF EXISTS {partitions.partition_name('trigger_checks', ahead_day)}"))
+    start_service("trigger_checker", KPI_RETENTION_DAYS="30")
+
+    def kept() -> bool:
+        with db.connect() as conn:
+            return (old_day not in partitions.day_partitions(conn, "metric_values")
+                    and ahead_day in partitions.day_partitions(conn, "trigger_checks"))
+
+    wait_for(kept, 60, what="the trigger_checker's upkeep to drop the old day and make the day ahead")
