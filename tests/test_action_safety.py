@@ -262,6 +262,24 @@ def test_a_digest_carries_every_pair_of_its_window_in_one_email(world, api):
         assert conn.execute(text("SELECT count(*) FROM digests WHERE status = 'open'")).scalar_one() == 1
 
 
+def test_a_replica_starting_announces_the_recent_digests_again(world, api):
+    """A replica that dies between closing a digest and publishing its notices takes them
+    with it: the next ticker to start announces them again, under the same event ids."""
+    action(world, ["email_administrators"], digest_minutes=10)
+    mailer = FakeMailer()
+    for a in AFFILIATES[:3]:
+        run(world, event(world, affiliate_id=a), mailer, api)
+    close_digests(world)
+    lost = tick(world, mailer)  # the notices, never published
+    assert len(lost) == 3
+    again = Ticker(world, mailer, lambda: None, settings()).notices_of_recent_digests()  # type: ignore[arg-type]
+    assert sorted(n.event_id for n in again) == sorted(n.event_id for n in lost)
+    assert [parse_data(n).outcome for n in again] == ["succeeded"] * 3
+    with world.begin() as conn:  # older than an hour: not any more
+        conn.execute(text("UPDATE digests SET closes_at = now() - interval '2 hours'"))
+    assert Ticker(world, mailer, lambda: None, settings()).notices_of_recent_digests() == []  # type: ignore[arg-type]
+
+
 def test_reminders_repeat_the_emails_while_the_episode_lasts_and_stop_with_it(world, api):
     action(world, ["email_administrators", "reject_affiliate"], repeat_minutes=30)
     mailer = FakeMailer()

@@ -11,7 +11,8 @@ All of it is claimed in the database (session advisory locks, ON CONFLICT), so a
 number of replicas do each thing once; the state lives in the database, so a restart
 loses nothing (a digest closed while every replica was down goes out at the next tick).
 The crash window is the runs' own: a digest or an alert sent but not yet recorded is
-sent again, with the same Message-ID.
+sent again, with the same Message-ID. A digest recorded but not yet announced is
+announced by the next replica to start (notices_of_recent_digests).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import threading
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 from sqlalchemy import Connection, Engine, func, select, update
 
@@ -31,7 +33,8 @@ from services.action_runner.mailer import Mail, Mailer, MailRejectedError, MailT
 from services.action_runner.templates import format_number, header_safe
 from shared.db import Administrator, Digest, Offer, Operation, OperationRun, RejectCapAlert, Trigger, TriggerEvent
 from shared.events import (
-    OPERATION_EXECUTED, TRIGGER_EVENT_TYPES, OperationExecuted, TriggerEventMessage, new_event, stable_event_id,
+    OPERATION_EXECUTED, TRIGGER_EVENT_TYPES, Envelope, OperationExecuted, TriggerEventMessage, new_event,
+    stable_event_id,
 )
 from shared.rabbitmq import Bus
 from shared.rabbitmq.outbox import Outbox
@@ -45,6 +48,8 @@ DIGEST_LOCK = 0x6B706B
 ALERT_LOCK = 0x6B706C
 # A digest whose email keeps failing is given up after this many ticks' attempts.
 DIGEST_ATTEMPTS = 50
+# A replica starting announces again the runs of the digests closed this recently.
+RENOTICE_HOURS = 1
 # A released run still pending after this long is announced again.
 RELEASE_GRACE_SECONDS = 60
 
@@ -63,6 +68,10 @@ class Ticker:
         return thread
 
     def run(self) -> None:
+        try:
+            self.outbox.add(self.notices_of_recent_digests())
+        except Exception:  # the ticker must start all the same
+            logger.exception("action_runner: the recent digests' notices could not be read")
         while not self.stopping.wait(self.settings.kpi_actions_tick_seconds):
             try:
                 self.tick()
@@ -74,6 +83,7 @@ class Ticker:
         self.outbox.keep_alive()
         for digest_id in self.due_digests():
             self.outbox.add(self.send_digest(digest_id))
+            self.outbox.publish_pending()  # at once: the notices are only in memory until then
         self.send_alerts()
         self.outbox.add(self.record_reminders())
         self.outbox.add(self.released_not_run())
@@ -129,6 +139,30 @@ class Ticker:
         return self._close(conn, digest_id, "sent", message_id,
                            f"sent to {', '.join(recipients)} in digest #{digest_id} ({len(rows)} pair(s))")
 
+    def notices_of_recent_digests(self) -> list:
+        """The notices of the runs of every digest closed in the last RENOTICE_HOURS: a
+        replica that died (or stopped) between closing a digest and publishing its notices
+        took them with it, and nothing else would announce them; at start they go out again
+        (the same event ids: a copy is harmless)."""
+        with connection(self.engine) as conn:
+            runs = conn.execute(
+                select(OperationRun.id, OperationRun.trigger_event_id, OperationRun.action_id,
+                       OperationRun.operation_id, OperationRun.kind, OperationRun.status, OperationRun.detail,
+                       OperationRun.repeat, OperationRun.digest_id)
+                .join(Digest, Digest.id == OperationRun.digest_id)
+                .where(Digest.status != "open", OperationRun.status != "pending",
+                       Digest.closes_at > func.now() - timedelta(hours=RENOTICE_HOURS))
+                .order_by(OperationRun.id)).all()
+        return [self._notice(r, r.digest_id) for r in runs]
+
+    @staticmethod
+    def _notice(r: Any, digest_id: int) -> Envelope:
+        return new_event(OPERATION_EXECUTED, OperationExecuted(
+            operation_run_id=r.id, trigger_event_id=r.trigger_event_id, action_id=r.action_id,
+            operation_id=r.operation_id, kind=r.kind, outcome=r.status, detail=r.detail),
+            correlation_id=f"digest-{digest_id}",
+            event_id=notice_id(r.trigger_event_id, r.action_id, r.operation_id, r.repeat, r.status))
+
     def _close(self, conn: Connection, digest_id: int, status: str, message_id: str | None, detail: str) -> list:
         with conn.begin():
             conn.execute(update(Digest).where(Digest.id == digest_id).values(
@@ -141,11 +175,7 @@ class Ticker:
                 .returning(OperationRun.id, OperationRun.trigger_event_id, OperationRun.action_id,
                            OperationRun.operation_id, OperationRun.kind, OperationRun.status, OperationRun.detail,
                            OperationRun.repeat)).all()
-        return [new_event(OPERATION_EXECUTED, OperationExecuted(
-            operation_run_id=r.id, trigger_event_id=r.trigger_event_id, action_id=r.action_id,
-            operation_id=r.operation_id, kind=r.kind, outcome=r.status, detail=r.detail),
-            correlation_id=f"digest-{digest_id}",
-            event_id=notice_id(r.trigger_event_id, r.action_id, r.operation_id, r.repeat, r.status)) for r in runs]
+        return [self._notice(r, digest_id) for r in runs]
 
     # -- the reject cap's alert --------------------------------------------------------------
 
