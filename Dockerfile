@@ -22,7 +22,9 @@ COPY migrations ./migrations
 COPY seeds ./seeds
 # The dependencies pinned and hash-checked (requirements.lock), then the project alone.
 RUN pip install --require-hashes --no-deps -r requirements.lock && pip install --no-deps . && pip check \
-    && useradd --system --uid 10001 kpi
+    && useradd --system --uid 10001 kpi \
+    && mkdir /var/lib/kpi-broker && chown kpi /var/lib/kpi-broker
+# /var/lib/kpi-broker: where `kpi broker definitions` writes RabbitMQ's users (a volume).
 USER kpi
 # Each service is `python -m services.<name>`; docker-compose.yml sets the command.
 CMD ["python", "-m", "services.trigger_checker"]

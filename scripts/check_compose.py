@@ -28,7 +28,8 @@ DEFAULTS = {"KPI_SCHEDULE_REFERENCE_SECONDS": "3600", "KPI_SCHEDULE_METRICS_SECO
 SECRETS = {"POSTGRES_PASSWORD": "check-postgres-secret", "RABBITMQ_PASSWORD": "check-rabbitmq-secret",
            "HASOFFERS_NETWORK_ID": "check-network", "HASOFFERS_NETWORK_TOKEN": "check-token-secret",
            "SMTP_HOST": "smtp.check.example",
-           **{f"KPI_DB_PASSWORD_{s.upper()}": f"check-db-{s}-secret" for s in [*SERVICES, "console"]}}
+           **{f"KPI_DB_PASSWORD_{s.upper()}": f"check-db-{s}-secret" for s in [*SERVICES, "console"]},
+           **{f"KPI_AMQP_PASSWORD_{s.upper()}": f"check-amqp-{s}-secret" for s in [*SERVICES, "console"]}}
 DEMO_ENV = "demo.env"
 
 
@@ -91,6 +92,16 @@ def security_problems(path: str) -> list[str]:
         if f"://kpi_{name}@" not in url or password != SECRETS[f"KPI_DB_PASSWORD_{name.upper()}"]:
             found.append(f"{name}: connects to PostgreSQL as {url.split('://')[-1].split('@')[0]!r}, "
                          f"expected its own role kpi_{name} with KPI_DB_PASSWORD_{name.upper()}")
+        url = environment(services, name).get("AMQP_URL", "")
+        password = environment(services, name).get("AMQP_PASSWORD")
+        if f"://kpi_{name}@" not in url or password != SECRETS[f"KPI_AMQP_PASSWORD_{name.upper()}"]:
+            found.append(f"{name}: connects to RabbitMQ as {url.split('://')[-1].split('@')[0]!r}, "
+                         f"expected its own user kpi_{name} with KPI_AMQP_PASSWORD_{name.upper()}")
+    rabbitmq = services.get("rabbitmq", {})
+    if any(k.startswith("RABBITMQ_DEFAULT_") for k in (rabbitmq.get("environment") or {})):
+        found.append("rabbitmq: has a default user of its own; its users come from broker_users' definitions")
+    if "broker_users" not in (rabbitmq.get("depends_on") or {}):
+        found.append("rabbitmq: does not wait for broker_users to write its users")
     migrate_ = services.get("migrate", {})
     if "kpi roles" not in " ".join(map(str, migrate_.get("command") or [])):
         found.append("migrate: does not run `kpi roles` after `kpi migrate`")

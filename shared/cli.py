@@ -2,7 +2,7 @@
 
     kpi migrate                      create or upgrade the schema
     kpi roles [--prefix P] [--login] the services' PostgreSQL roles and their grants (after every migrate)
-    kpi broker permissions           rabbitmqctl commands: a user per service with only its permissions
+    kpi broker permissions|definitions|declare   a RabbitMQ user per service with only its permissions
     kpi seed FILE.sql                run a SQL file (triggers, thresholds, actions...)
     kpi load cr|pacc|...|reference|all [--lookback-hours N]
     kpi status                       pairs in PROBLEM, counts per trigger
@@ -113,7 +113,31 @@ def cmd_roles(settings: Settings, args: argparse.Namespace) -> None:
 def cmd_broker(settings: Settings, args: argparse.Namespace) -> None:
     from shared.rabbitmq import permissions
 
-    print(permissions.script(settings.kpi_exchange, args.vhost, args.prefix), end="")
+    if args.action == "permissions":
+        print(permissions.script(settings.kpi_exchange, args.vhost, args.prefix), end="")
+    elif args.action == "declare":
+        _bus(settings).close()  # connecting declares the whole topology (as an administrator)
+        print(f"declared the exchange {settings.kpi_exchange} and every service's queues")
+    else:
+        try:
+            passwords = {role: permissions.password_from_env(role) for role in [*permissions.USERS, "admin"]}
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
+        missing = [f"KPI_AMQP_PASSWORD_{role.upper()}" for role, password in passwords.items() if password is None]
+        if missing:
+            raise CliError(f"set {', '.join(missing)} (or their _FILE)")
+        users = {role: (args.prefix + role, passwords[role]) for role in permissions.USERS}
+        body = json.dumps(permissions.definitions(settings.kpi_exchange, users, args.vhost,
+                                                  admin=(args.admin_user, passwords["admin"])), indent=2)
+        if args.output:
+            path = Path(args.output)
+            temporary = path.with_name(path.name + ".tmp")
+            temporary.write_text(body + "\n", encoding="utf-8")
+            temporary.chmod(0o644)  # read by the broker's own user; it holds salted hashes only
+            temporary.replace(path)
+            print(f"wrote {path}: {len(users)} service users and {args.admin_user}")
+        else:
+            print(body)
 
 
 def cmd_seed(settings: Settings, args: argparse.Namespace) -> None:
@@ -498,7 +522,12 @@ def parser() -> argparse.ArgumentParser:
     roles_.set_defaults(run=cmd_roles)
     broker = sub.add_parser("broker", help="print the rabbitmqctl commands that make a user per service with "
                                            "only its permissions (passwords from KPI_AMQP_PASSWORD_<ROLE>)")
-    broker.add_argument("action", choices=["permissions"])
+    broker.add_argument("action", choices=["permissions", "definitions", "declare"],
+                        help="permissions: rabbitmqctl commands; definitions: the same as RabbitMQ definitions "
+                             "(users with salted hashes, for load_definitions at boot), with an administrator "
+                             "(KPI_AMQP_PASSWORD_ADMIN); declare: the topology, as an administrator")
+    broker.add_argument("--admin-user", default="kpi")
+    broker.add_argument("--output", help="(definitions) write to this file instead of printing")
     broker.add_argument("--vhost", default="/")
     broker.add_argument("--prefix", default="kpi_", help="user names are <prefix><service>")
     broker.set_defaults(run=cmd_broker)

@@ -5,7 +5,7 @@ RabbitMQ servers of their own that present it, beside the machine's."""
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,32 +124,46 @@ def tls_postgres(certificates: Certificates) -> Iterator[int]:
 def tls_rabbitmq(certificates: Certificates) -> Iterator[int]:
     """An extra RabbitMQ node of its own (scripts/rabbit_cluster.py, one node, a config of
     its own) with a TLS listener on a free port of 127.0.0.1; that port."""
-    import shutil
-    import uuid
-
-    from scripts.rabbit_cluster import RUN_AS, RabbitCluster, free_port_bases
     from testkit.ports import free_port
 
     tls_port = free_port()
+
+    def configure(directory: Path) -> str:
+        from scripts.rabbit_cluster import RUN_AS
+
+        ca, cert, key = _copy_for(RUN_AS, certificates, directory)
+        return (f"listeners.ssl.default = 127.0.0.1:{tls_port}\n"
+                f"ssl_options.cacertfile = {ca}\nssl_options.certfile = {cert}\n"
+                f"ssl_options.keyfile = {key}\nssl_options.verify = verify_none\n"
+                "ssl_options.fail_if_no_peer_cert = false\n")
+
+    with extra_rabbitmq(configure):
+        yield tls_port
+
+
+@contextmanager
+def extra_rabbitmq(configure: Callable[[Path], str]) -> Iterator[int]:
+    """One extra RabbitMQ node (scripts/rabbit_cluster.py) whose rabbitmq.conf also holds
+    what `configure(its directory)` returns; its AMQP port on 127.0.0.1."""
+    import shutil
+    import uuid
+
+    from scripts.rabbit_cluster import RabbitCluster, free_port_bases
+
     run = uuid.uuid4().hex[:8]
     port_base, dist_base = free_port_bases(1, range(5900, 6100, 10))
 
-    class TlsNode(RabbitCluster):
+    class Node(RabbitCluster):
         def _prepare(self, i: int) -> None:
             super()._prepare(i)
-            d = self.directory(i)
-            ca, cert, key = _copy_for(RUN_AS, certificates, d)
-            with open(d / "rabbitmq.conf", "a") as conf:
-                conf.write(f"listeners.ssl.default = 127.0.0.1:{tls_port}\n"
-                           f"ssl_options.cacertfile = {ca}\nssl_options.certfile = {cert}\n"
-                           f"ssl_options.keyfile = {key}\nssl_options.verify = verify_none\n"
-                           "ssl_options.fail_if_no_peer_cert = false\n")
+            with open(self.directory(i) / "rabbitmq.conf", "a") as conf:
+                conf.write(configure(self.directory(i)))
 
-    node = TlsNode(nodes=1, base=Path(f"/tmp/kpi-rabbit-tls-{run}"), prefix=f"kpi-tls-{run}-",
-                   port_base=port_base, dist_base=dist_base)
+    node = Node(nodes=1, base=Path(f"/tmp/kpi-rabbit-extra-{run}"), prefix=f"kpi-x{run}-",
+                port_base=port_base, dist_base=dist_base)
     try:
         node.up()
-        yield tls_port
+        yield node.port(1)
     finally:
         node.down()
         shutil.rmtree(node.base, ignore_errors=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from urllib.parse import quote
@@ -19,7 +20,7 @@ from shared.events import Envelope, new_event
 from shared.rabbitmq import SERVICE_BINDINGS, Bus, PublishError, queue_names
 from shared.rabbitmq.permissions import PUBLISHES, USERS, definitions
 from testkit.broker import delete_topology_at
-from tests.support import AMQP_URL
+from tests.support import AMQP_URL, ROOT
 
 pytestmark = pytest.mark.skipif(shutil.which("rabbitmqctl") is None, reason="rabbitmqctl is not installed")
 
@@ -127,3 +128,40 @@ def test_the_console_user_releases_held_runs_and_reads_dead_letters_only(world):
         finally:
             if channel.connection.is_open:
                 channel.connection.close()
+
+
+def test_a_node_that_loads_the_definitions_at_boot_has_the_users_and_no_guest(tmp_path):
+    """What the compose file does: `kpi broker definitions` writes them, RabbitMQ loads
+    them at boot (load_definitions), on a node of the test's own."""
+    from shutil import chown
+
+    from scripts.rabbit_cluster import RUN_AS, missing_requirement
+    from testkit.tls import extra_rabbitmq
+
+    if missing_requirement():
+        pytest.skip(missing_requirement())
+    exchange = f"kpi.boot.{uuid.uuid4().hex[:8]}"
+    passwords = {f"KPI_AMQP_PASSWORD_{role.upper()}": uuid.uuid4().hex for role in [*USERS, "admin"]}
+    path = tmp_path / "definitions.json"
+    result = subprocess.run([sys.executable, "-m", "shared.cli", "broker", "definitions", "--output", str(path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60,
+                            env={"PATH": "/usr/bin:/bin", "KPI_EXCHANGE": exchange, **passwords})
+    assert result.returncode == 0, result.stderr
+
+    def configure(directory):
+        target = directory / "definitions.json"
+        target.write_bytes(path.read_bytes())
+        chown(target, RUN_AS, RUN_AS)
+        return f"load_definitions = {target}\n"
+
+    with extra_rabbitmq(configure) as port:
+        def url(user: str, password: str) -> str:
+            return f"amqp://{user}:{password}@127.0.0.1:{port}/%2F"
+
+        with Bus(url("kpi", passwords["KPI_AMQP_PASSWORD_ADMIN"]), exchange).connect():
+            pass  # the administrator declares the topology (the compose file's migrate job)
+        with Bus(url("kpi_trigger_checker", passwords["KPI_AMQP_PASSWORD_TRIGGER_CHECKER"]), exchange).connect() as bus:
+            bus.publish(_event("trigger.checked"))
+            assert _refused(lambda: bus.publish(_event("trigger.event.problem")))
+        with pytest.raises(amqp.ProbableAuthenticationError):
+            pika.BlockingConnection(pika.URLParameters(url("guest", "guest")))

@@ -106,10 +106,17 @@ def password_hash(password: str, salt: bytes | None = None) -> str:
     return base64.b64encode(salt + hashlib.sha256(salt + password.encode()).digest()).decode()
 
 
-def definitions(exchange: str, users: dict[str, tuple[str, str]], vhost: str = "/") -> dict:
+def definitions(exchange: str, users: dict[str, tuple[str, str]], vhost: str = "/",
+                admin: tuple[str, str] | None = None) -> dict:
     """RabbitMQ definitions (`rabbitmqctl import_definitions`, or `load_definitions` at
-    boot) of the users: role -> (user name, password)."""
+    boot) of the users: role -> (user name, password); with `admin` (user, password), the
+    vhost and an administrator too (a node that loads definitions at boot makes neither)."""
     out: dict[str, list] = {"users": [], "permissions": [], "topic_permissions": []}
+    if admin is not None:
+        out["vhosts"] = [{"name": vhost}]
+        out["users"].append({"name": admin[0], "password_hash": password_hash(admin[1]),
+                             "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": ["administrator"]})
+        out["permissions"].append({"user": admin[0], "vhost": vhost, "configure": ".*", "write": ".*", "read": ".*"})
     for role, (user, password) in users.items():
         perms = permissions(exchange, role, user)
         out["users"].append({"name": user, "password_hash": password_hash(password),
@@ -119,3 +126,21 @@ def definitions(exchange: str, users: dict[str, tuple[str, str]], vhost: str = "
         out["topic_permissions"].append({"user": user, "vhost": vhost, "exchange": exchange,
                                          "write": perms.topic_write, "read": perms.topic_read})
     return out
+
+
+def password_from_env(role: str, environ: dict[str, str] | None = None) -> str | None:
+    """KPI_AMQP_PASSWORD_<ROLE>, or the content of the file KPI_AMQP_PASSWORD_<ROLE>_FILE."""
+    import os
+    from pathlib import Path
+
+    environ = os.environ if environ is None else environ
+    name = f"KPI_AMQP_PASSWORD_{role.upper()}"
+    value, path = environ.get(name), environ.get(f"{name}_FILE")
+    if value is not None and path:
+        raise ValueError(f"set {name} or {name}_FILE, not both")
+    if path:
+        try:
+            return Path(path).read_text(encoding="utf-8").removesuffix("\n").removesuffix("\r")
+        except OSError as exc:
+            raise ValueError(f"{name}_FILE: cannot read {path}: {exc.strerror or exc}") from None
+    return value or None
