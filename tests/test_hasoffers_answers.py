@@ -3,13 +3,15 @@ report rows that move between unsorted pages, empty reports in every shape, the 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
 
+import httpx
 import pytest
 
 from services.action_runner.handler import handle_trigger_event
-from shared.hasoffers import HasOffersClient, HasOffersWriteRefusedError
+from shared.hasoffers import HasOffersClient, HasOffersUnavailableError, HasOffersWriteRefusedError
 from shared.settings import Settings
 from testkit.fake_hasoffers.network import FakeOffer, Network, StatRow
 from testkit.fake_hasoffers.server import FakeHasOffers
@@ -32,6 +34,7 @@ def fake_api() -> Iterator[FakeHasOffers]:
 @pytest.fixture
 def api(fake_api: FakeHasOffers) -> Iterator[HasOffersClient]:
     fake_api.reset()
+    fake_api.network = fake_network()
     fake_api.configure(latency=0, empty_shape="paged")
     with HasOffersClient(fake_api.base_url, "answers", TOKEN, max_attempts=3, backoff_seconds=0,
                          rate_limit_pause_seconds=0) as client:
@@ -154,3 +157,40 @@ def test_the_echo_carries_the_keys_of_real_answers_and_never_the_token(fake_api)
         "Target": "Offer", "Format": "json", "Service": "HasOffers", "Version": "2", "Method": "findById",
         "NetworkId": "answers", "id": "12"}
     assert "NetworkToken" not in echo
+
+
+# -- the endpoint -----------------------------------------------------------------------------
+
+
+class ToTheFake(httpx.BaseTransport):
+    """Sends every request to the local fake, keeping the URL's host in the Host header
+    (the network's own API host does not resolve here)."""
+
+    def __init__(self, port: int):
+        self.inner, self.port, self.urls = httpx.HTTPTransport(), port, []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.urls.append(str(request.url))
+        request.url = request.url.copy_with(scheme="http", host="127.0.0.1", port=self.port)
+        return self.inner.handle_request(request)
+
+
+def test_the_network_host_form_names_the_network_without_the_deprecated_parameter(api, fake_api):
+    transport = ToTheFake(int(fake_api.base_url.split(":")[2].split("/")[0]))
+    with HasOffersClient("https://{network_id}.api.hasoffers.com/Apiv3/json", "answers", TOKEN, max_attempts=1,
+                         transport=transport) as client:
+        assert client.find_offer(OFFER)["Offer"]["id"] == str(OFFER)
+    assert transport.urls == ["https://answers.api.hasoffers.com/Apiv3/json"]
+    # A URL without the placeholder (a proxy, the legacy shared host) carries NetworkId.
+    with HasOffersClient(fake_api.base_url, "answers", TOKEN, max_attempts=1) as client:
+        assert client._query == {"NetworkId": "answers"}
+
+
+def test_latency_slows_every_answer_and_a_short_timeout_gives_up_retryably(api, fake_api):
+    fake_api.configure(latency=0.4)
+    started = time.monotonic()
+    assert api.find_offer(OFFER) is not None
+    assert time.monotonic() - started >= 0.4
+    with HasOffersClient(fake_api.base_url, "answers", TOKEN, timeout=0.1, max_attempts=2,
+                         backoff_seconds=0) as impatient, pytest.raises(HasOffersUnavailableError, match="timeout"):
+        impatient.find_offer(OFFER)
