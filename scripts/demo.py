@@ -141,7 +141,8 @@ def main() -> int:
     parser.add_argument("--offers", type=int, default=30)
     parser.add_argument("--affiliates", type=int, default=40)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--timeout", type=float, default=150)
+    parser.add_argument("--timeout", type=float, default=150,
+                        help="seconds to wait for the pipeline to go idle (default 150)")
     parser.add_argument("--keep-database", action="store_true", help="leave the demo database for inspection")
     parser.add_argument("--keep", action="store_true",
                         help="leave the console and the services running until Ctrl-C, so you can look")

@@ -33,6 +33,8 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
+from alembic.script.revision import RevisionError
+from alembic.util.exc import CommandError as AlembicError
 from pydantic import ValidationError
 from sqlalchemy import Engine, Select, func, literal, select
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
@@ -47,7 +49,7 @@ from shared.rabbitmq.migration import UpgradeError, upgrade_queues
 from shared.db import Trigger, TriggerState, TriggerThreshold, make_engine
 from shared.events import METRIC_LOAD_REQUESTED, MetricLoadRequested, new_event
 from shared.service import queue_options
-from shared.settings import Settings
+from shared.settings import ConfigurationError, Settings, load_settings
 from shared.sql import run_script
 from shared.vocabulary import METRIC_KEYS, REFERENCE
 
@@ -86,7 +88,10 @@ def _bus(settings: Settings, declare: bool = True) -> Bus:
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> None:
     _engine(settings).dispose()
-    migrate.upgrade(settings.database_url.get_secret_value())
+    try:
+        migrate.upgrade(settings.database_url.get_secret_value())
+    except (AlembicError, RevisionError) as exc:  # e.g. a database at a revision this version does not know
+        raise CliError(f"migration failed: {_first_line(exc)}") from None
     print("schema is at the latest revision")
 
 
@@ -260,13 +265,20 @@ def cmd_dead(settings: Settings, args: argparse.Namespace) -> None:
             letters = read_dead_letters(bus, args.service, args.limit)
             if args.json:
                 print(json.dumps(letters, indent=2, default=str))
+                if len(letters) < total:
+                    print(f"kpi: {len(letters)} of {total} dead letter(s) shown (--limit)", file=sys.stderr)
                 return
             shown = f"; the first {len(letters)} shown (--limit)" if len(letters) < total else ""
             print(f"{total} dead letter(s) in {bus.exchange}.{args.service}.dead{shown}")
             for letter in letters:
                 print(f"- {letter['message_id']} {letter['routing_key']} at {letter['dead_at']}: {letter['reason']}")
         else:
-            moved = replay_dead_letters(bus, args.service, args.limit)
+            try:
+                moved = replay_dead_letters(bus, args.service, args.limit)
+            except PublishError as exc:
+                raise CliError(f"replay stopped: {_first_line(exc)}; the letters not replayed are still in "
+                               f"{bus.exchange}.{args.service}.dead (a letter leaves it only once its copy "
+                               "is confirmed on the work queue)") from None
             print(f"replayed {moved} message(s) from {bus.exchange}.{args.service}.dead")
 
 
@@ -601,7 +613,15 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    settings = Settings()
+    # What goes wrong is said once, as the `kpi: error:` line below; the libraries' log
+    # lines (a connection attempt that failed, say) would only repeat it. `kpi web`
+    # configures logging of its own.
+    logging.getLogger().addHandler(logging.NullHandler())
+    try:
+        settings = load_settings()
+    except ConfigurationError as exc:
+        print(f"kpi: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     if getattr(args, "lookback_hours", 0) is None:
         args.lookback_hours = settings.kpi_lookback_hours
     if args.command == "dead" and args.limit is None and args.action == "list":
@@ -611,10 +631,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as exc:
         print(f"kpi: error: {exc}", file=sys.stderr)
         return exc.code
+    except OperationalError as exc:  # the server went away in the middle of the command
+        print(f"kpi: error: PostgreSQL: {_first_line(getattr(exc, 'orig', None) or exc)}", file=sys.stderr)
+        return EXIT_UNREACHABLE
     except SQLAlchemyError as exc:
-        print(f"kpi: database error: {str(getattr(exc, 'orig', exc)).strip()}", file=sys.stderr)
+        print(f"kpi: database error: {_first_line(getattr(exc, 'orig', None) or exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except CONNECTION_ERRORS as exc:
+        print(f"kpi: error: RabbitMQ connection lost ({type(exc).__name__}: {_first_line(exc)}); "
+              "nothing was lost, run it again", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except PublishError as exc:
+        print(f"kpi: error: RabbitMQ refused a message: {_first_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     return 0
+
+
+def _first_line(error: object) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 if __name__ == "__main__":

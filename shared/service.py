@@ -15,13 +15,14 @@ from shared.rabbitmq import SERVICE_BINDINGS, BrokerUnavailableError, Bus, Consu
 from shared.db import DatabaseUnavailableError, make_engine, wait_for_database
 from shared.logs import configure_logging
 from shared.observability import ServiceMetrics, serve
-from shared.settings import Settings
+from shared.settings import ConfigurationError, Settings, load_settings
 
 logger = logging.getLogger(__name__)
 
 EXIT_DATABASE_UNAVAILABLE = 2
 EXIT_BROKER_UNAVAILABLE = 3
 EXIT_QUEUE_MISMATCH = 4
+EXIT_CONFIGURATION = 5  # an environment variable that does not make a valid setting
 
 
 def queue_options(settings: Settings) -> QueueOptions:
@@ -53,7 +54,11 @@ def run_service(service: str, consumes: str, make_handler: Callable[[Context], H
     if SERVICE_BINDINGS.get(service) != consumes:
         raise AssertionError(f"{service} consumes {consumes!r} but the topology binds its queue to "
                              f"{SERVICE_BINDINGS.get(service)!r}")
-    settings = Settings()
+    try:
+        settings = load_settings()
+    except ConfigurationError as exc:
+        print(f"{service}: cannot start: {exc}", file=sys.stderr)
+        return EXIT_CONFIGURATION
     configure_logging(service, settings.kpi_log_level, settings.kpi_log_json)
     engine = make_engine(settings.database_url.get_secret_value())
     try:

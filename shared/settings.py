@@ -12,7 +12,7 @@ from typing import Any, Literal
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 from sqlalchemy.engine import make_url
@@ -198,3 +198,24 @@ def _amqp_node(url: str, password: str | None, ca_file: str | None) -> str:
         options = {"cafile": ca_file, "server_hostname": parts.hostname}
         query = urlencode([*parse_qsl(query), ("ssl_options", repr(options))], quote_via=quote, safe="")
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+class ConfigurationError(Exception):
+    """The environment does not make valid settings: one line naming each bad variable."""
+
+
+def load_settings() -> Settings:
+    """Settings() for a process's main(): a bad variable is a ConfigurationError, never a
+    traceback; the value is shown only for settings that are not secrets."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else "?"
+            secret = field in Settings.model_fields and "SecretStr" in str(Settings.model_fields[field].annotation)
+            given = "" if secret or error["type"] == "missing" else f" (got {str(error.get('input'))[:40]!r})"
+            problems.append(f"{field.upper()}: {error['msg']}{given}")
+        raise ConfigurationError("invalid configuration: " + "; ".join(problems)) from None
+    except (ValueError, OSError) as exc:  # e.g. a .env file or a secret file that cannot be read
+        raise ConfigurationError(f"invalid configuration: {str(exc).strip().splitlines()[0]}") from None

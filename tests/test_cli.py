@@ -2,13 +2,16 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import uuid
 
+import pytest
 from sqlalchemy import text
 
-from shared.rabbitmq import queue_names
+from shared.db import make_engine
+from shared.rabbitmq import H_REASON, queue_names
 from shared.events import METRIC_LOADED
 from testkit.database import create_database, drop_database
 from testkit.waiting import wait_for
@@ -110,3 +113,136 @@ def test_dead_list_and_replay(start_service, service_env, exchange, bus):
     assert result.returncode == 0 and "replayed 1" in result.stdout
     assert queue_depth(names.dead) == 0
     assert [body for _, body in drain(names.work)] == [b"{broken"]
+
+
+# -- every error path: exit 2 (bad input or configuration) or 3 (unreachable), one line ---------
+
+
+def one_line_error(result) -> str:
+    """The command's only line of stderr, checked to be an error and no traceback."""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kpi: "), result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    return lines[0]
+
+
+@pytest.mark.parametrize("args", [
+    ["migrate"], ["seed", str(ROOT / "seeds/example.sql")], ["status"], ["triggers"], ["silence", "list"],
+    ["held", "list"], ["backtest", "--from", "2026-11-01T00:00:00Z"],
+    ["explain", "--trigger", "min CR", "--offer", "1", "--affiliate", "2"], ["partitions", "list"],
+])
+def test_every_database_command_exits_3_when_postgresql_is_unreachable(service_env, args):
+    result = kpi({**service_env, "DATABASE_URL": "postgresql+psycopg2://u:topsecret@127.0.0.1:1/x"}, *args)
+    assert result.returncode == 3, result.stderr
+    assert "PostgreSQL not reachable" in one_line_error(result) and "topsecret" not in result.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ["load", "cr"], ["dead", "list", "trigger_checker"], ["dead", "replay", "metric_loader"], ["queues", "upgrade"],
+])
+def test_every_broker_command_exits_3_when_rabbitmq_is_unreachable(service_env, args):
+    result = kpi({**service_env, "AMQP_URL": "amqp://guest:topsecret@127.0.0.1:1/%2F"}, *args)
+    assert result.returncode == 3, result.stderr
+    assert "RabbitMQ not reachable" in one_line_error(result) and "topsecret" not in result.stderr
+
+
+@pytest.mark.parametrize("variable, value, says", [
+    ("KPI_PREFETCH", "abc", "KPI_PREFETCH: Input should be a valid integer"),
+    ("KPI_QUEUE_TYPE", "lazy", "KPI_QUEUE_TYPE: Input should be 'quorum' or 'classic'"),
+    ("KPI_LOOKBACK_HOURS", "0", "KPI_LOOKBACK_HOURS: Input should be greater than 0 (got '0')"),
+])
+def test_an_invalid_environment_variable_exits_2_with_one_line(service_env, variable, value, says):
+    result = kpi({**service_env, variable: value}, "status")
+    assert result.returncode == 2
+    assert says in one_line_error(result)
+
+
+def test_migrate_refuses_a_database_at_an_unknown_revision_with_exit_2(service_env):
+    name = f"kpi_cli_{uuid.uuid4().hex[:8]}"
+    url = create_database(PG_ADMIN_URL, name)
+    env = {**service_env, "DATABASE_URL": url}
+    try:
+        assert kpi(env, "migrate").returncode == 0
+        engine = make_engine(url)
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE alembic_version SET version_num = '0999_from_a_newer_version'"))
+        engine.dispose()
+        result = kpi(env, "migrate")
+        assert result.returncode == 2
+        assert "migration failed: Can't locate revision identified by '0999_from_a_newer_version'" in one_line_error(
+            result)
+    finally:
+        drop_database(PG_ADMIN_URL, name)
+
+
+def test_load_defaults_to_kpi_lookback_hours(service_env, exchange, bus):
+    result = kpi({**service_env, "KPI_LOOKBACK_HOURS": "36"}, "load", "cr")
+    assert result.returncode == 0, result.stderr
+    [(_, body)] = drain(queue_names(exchange, "metric_loader").work)
+    assert json.loads(body)["data"] == {"metric_key": "cr", "lookback_hours": 36}
+
+
+def test_status_limit_says_there_are_more(service_env, db):
+    with db.begin() as conn:
+        conn.execute(text("INSERT INTO triggers (id, name, metric_key, operator, threshold) VALUES "
+                          "(1, 'min CR', 'cr', 'lt', 0.01)"))
+        conn.execute(text(
+            "INSERT INTO trigger_states (trigger_id, offer_id, affiliate_id, status, since, measured_at, check_id,"
+            " value, threshold) SELECT 1, 10, a, 'PROBLEM', '2026-11-01T10:00:00Z'::timestamptz + a * interval '1m',"
+            " '2026-11-02T10:00:00Z', a, 0.001, 0.01 FROM generate_series(1, 3) AS a"))
+    status = json.loads(kpi(service_env, "status", "--json", "--limit", "2").stdout)
+    assert [p["affiliate_id"] for p in status["problems"]] == [1, 2]  # the oldest first
+    assert status["triggers"][0]["problem"] == 3
+    plain = kpi(service_env, "status", "--limit", "2")
+    assert plain.returncode == 0 and "Pairs in PROBLEM (2+):" in plain.stdout
+    assert "Pairs in PROBLEM (3):" in kpi(service_env, "status", "--limit", "5").stdout
+
+
+def test_dead_list_and_replay_limits_say_what_they_left_out(service_env, exchange, bus):
+    names = queue_names(exchange, "trigger_checker")
+    for n in range(3):
+        bus.send_to_queue(names.dead, f"{{broken {n}".encode(), message_id=f"m{n}", type=METRIC_LOADED,
+                          headers={H_REASON: "not valid JSON"})
+    result = kpi(service_env, "dead", "list", "trigger_checker", "--json", "--limit", "2")
+    assert result.returncode == 0
+    assert len(json.loads(result.stdout)) == 2
+    assert result.stderr.strip() == "kpi: 2 of 3 dead letter(s) shown (--limit)"
+    result = kpi(service_env, "dead", "list", "trigger_checker", "--json")
+    assert len(json.loads(result.stdout)) == 3 and result.stderr == ""
+    result = kpi(service_env, "dead", "list", "trigger_checker", "--limit", "1")
+    assert result.stdout.startswith(f"3 dead letter(s) in {names.dead}; the first 1 shown (--limit)")
+    assert queue_depth(names.dead) == 3  # listing does not consume
+
+    result = kpi(service_env, "dead", "replay", "trigger_checker", "--limit", "2")
+    assert result.returncode == 0 and f"replayed 2 message(s) from {names.dead}" in result.stdout
+    assert (queue_depth(names.dead), queue_depth(names.work)) == (1, 2)
+
+
+def test_a_replay_the_broker_refuses_exits_2_and_keeps_the_letters(service_env, exchange, bus):
+    names = queue_names(exchange, "trigger_checker")
+    bus.send_to_queue(names.dead, b"{broken", message_id="m1", type=METRIC_LOADED, headers={H_REASON: "x"})
+    # The work queue refuses every message: over its length of 0 already (a quorum queue
+    # lets in the one message that takes it over its limit), each publish is nacked.
+    bus.send_to_queue(names.work, b"{}", message_id="m0", type=METRIC_LOADED, headers={})
+    policy = f"kpi-test-refuse-{exchange}"
+    subprocess.run(["rabbitmqctl", "-q", "set_policy", "--apply-to", "queues", "--priority", "100", policy,
+                    f"^{re.escape(names.work)}$", '{"max-length": 0, "overflow": "reject-publish"}'],
+                   check=True, capture_output=True, timeout=60)
+    try:
+        wait_for(lambda: _policy_of(names.work) == policy, what="the policy to apply")
+        result = kpi(service_env, "dead", "replay", "trigger_checker")
+    finally:
+        subprocess.run(["rabbitmqctl", "-q", "clear_policy", policy], check=True, capture_output=True, timeout=60)
+    assert result.returncode == 2
+    assert "replay stopped: " in one_line_error(result) and f"still in {names.dead}" in result.stderr
+    assert (queue_depth(names.dead), queue_depth(names.work)) == (1, 1)
+
+
+def _policy_of(queue: str) -> str | None:
+    out = subprocess.run(["rabbitmqctl", "-q", "list_queues", "name", "policy", "--no-table-headers"],
+                         capture_output=True, text=True, timeout=60).stdout
+    for line in out.splitlines():
+        name, _, policy = line.partition("\t")
+        if name == queue:
+            return policy.strip() or None
+    return None

@@ -12,7 +12,7 @@ from sqlalchemy import text
 from shared.db import Base
 from shared.rabbitmq import queue_names
 from shared.events import METRIC_LOADED, new_event
-from shared.service import EXIT_BROKER_UNAVAILABLE, EXIT_DATABASE_UNAVAILABLE
+from shared.service import EXIT_BROKER_UNAVAILABLE, EXIT_CONFIGURATION, EXIT_DATABASE_UNAVAILABLE
 from testkit.ports import free_port
 from testkit.waiting import wait_for
 from tests.support import ROOT, queue_depth
@@ -34,13 +34,24 @@ def test_exits_non_zero_with_a_clear_message_when_rabbitmq_is_unreachable(servic
     assert "s3cret" not in result.stderr + result.stdout
 
 
-def test_exits_non_zero_with_a_clear_message_when_postgresql_is_unreachable(service_env):
+@pytest.mark.parametrize("service", SERVICES)
+def test_exits_non_zero_with_a_clear_message_when_postgresql_is_unreachable(service, service_env):
     env = {**service_env, "DATABASE_URL": "postgresql+psycopg2://postgres:pw-s3cret@127.0.0.1:1/kpi",
            "KPI_STARTUP_ATTEMPTS": "2"}
-    result = run_module("trigger_checker", env)
+    result = run_module(service, env)
     assert result.returncode == EXIT_DATABASE_UNAVAILABLE, result.stderr
     assert "PostgreSQL not reachable" in result.stderr
     assert "pw-s3cret" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_an_invalid_environment_variable_stops_the_start_with_one_line(service, service_env):
+    result = run_module(service, {**service_env, "KPI_PREFETCH": "many", "KPI_RETRY_LIMIT": "-1"})
+    assert result.returncode == EXIT_CONFIGURATION
+    assert result.stderr.strip() == (
+        f"{service}: cannot start: invalid configuration: KPI_PREFETCH: Input should be a valid integer, unable to "
+        "parse string as an integer (got 'many'); KPI_RETRY_LIMIT: Input should be greater than or equal to 0 "
+        "(got '-1')")
 
 
 def broker_connection_of(process_id: int) -> str | None:
