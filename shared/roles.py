@@ -105,6 +105,14 @@ def _literal(conn: Connection, value: str) -> str:
     return quoted.getquoted().decode()
 
 
+def _scram(conn: Connection, role: str, password: str) -> str:
+    """The password as a SCRAM-SHA-256 verifier computed here: the plain password never
+    reaches the server, its statement log or pg_stat_activity."""
+    from psycopg2.extensions import encrypt_password
+
+    return encrypt_password(password, role, conn.connection.dbapi_connection, "scram-sha-256")
+
+
 def _tables(conn: Connection) -> list[str]:
     return list(conn.scalars(text(
         "SELECT c.relname FROM pg_class c WHERE c.relnamespace = 'public'::regnamespace"
@@ -133,7 +141,9 @@ def _role_statement(conn: Connection, statement: str) -> bool:
     for attempt in range(100):
         savepoint = conn.begin_nested()
         try:
-            conn.execute(text(statement))
+            # As is: a password's verifier may hold ":name" or "%", which text() and the
+            # driver would take for parameters.
+            conn.exec_driver_sql(statement, execution_options={"no_parameters": True})
             savepoint.commit()
             return True
         except DBAPIError as exc:
@@ -153,7 +163,7 @@ def _ensure_role(conn: Connection, name: str, password: str | None, login: bool)
     created = not exists and _role_statement(conn, f"CREATE ROLE {_quote(conn, name)} NOLOGIN")
     attributes = "NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS"
     if password is not None:
-        attributes += f" LOGIN PASSWORD {_literal(conn, password)}"
+        attributes += f" LOGIN PASSWORD {_literal(conn, _scram(conn, name, password))}"
     elif login:
         attributes += " LOGIN"
     _role_statement(conn, f"ALTER ROLE {_quote(conn, name)} {attributes}")

@@ -186,3 +186,22 @@ def test_roles_are_made_once_when_two_databases_ask_at_the_same_time():
 def test_a_bad_prefix_is_refused():
     with pytest.raises(roles.RolesError, match="lower-case"):
         roles.check_prefix('kpi"; DROP ROLE postgres; --')
+
+
+def test_a_password_reaches_the_server_only_as_a_scram_verifier(world):
+    url, _ = world
+    import uuid
+
+    prefix = f"kpi_t{uuid.uuid4().hex[:10]}_"
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            applied = roles.apply(conn, prefix, {"reader": "s3cret'pw:name%s"})
+            stored = conn.scalar(text("SELECT rolpassword FROM pg_authid WHERE rolname = :name"),
+                                 {"name": prefix + "reader"})
+        assert {a.role: a.login for a in applied}[prefix + "reader"] is True
+        assert {a.role: a.login for a in applied}[prefix + "console"] is False
+        assert stored.startswith("SCRAM-SHA-256$") and "s3cret" not in stored
+    finally:
+        engine.dispose()
+        drop_service_roles(PG_ADMIN_URL, prefix, url)
