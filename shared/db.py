@@ -306,6 +306,7 @@ class HasOffersCallSlot(Base):
     (shared/hasoffers_rate.py, migration 0009)."""
 
     __tablename__ = "hasoffers_call_slots"
+    __table_args__ = (Index("ix_hasoffers_call_slots_network_id_used_at", "network_id", "used_at"),)
     network_id: Mapped[str] = mapped_column(Text, primary_key=True)
     slot: Mapped[int] = mapped_column(Integer, primary_key=True)
     used_at: Mapped[datetime] = mapped_column(TZ)

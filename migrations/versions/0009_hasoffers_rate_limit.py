@@ -24,7 +24,10 @@ def upgrade() -> None:
         sa.Column('used_at', sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint('network_id', 'slot', name=op.f('pk_hasoffers_call_slots')),
     )
+    # The slot used longest ago, found without reading every slot of a big limit.
+    op.create_index('ix_hasoffers_call_slots_network_id_used_at', 'hasoffers_call_slots', ['network_id', 'used_at'])
 
 
 def downgrade() -> None:
+    op.drop_index('ix_hasoffers_call_slots_network_id_used_at', table_name='hasoffers_call_slots')
     op.drop_table('hasoffers_call_slots')

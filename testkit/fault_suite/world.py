@@ -222,7 +222,7 @@ class World:
                "KPI_RETRY_LIMIT": str(a.retry_limit), "KPI_STARTUP_ATTEMPTS": "40", "KPI_LOG_LEVEL": "INFO",
                "HASOFFERS_BASE_URL": f"http://127.0.0.1:{self.fake_port}/Apiv3/json",
                "HASOFFERS_NETWORK_ID": "fault", "HASOFFERS_NETWORK_TOKEN": TOKEN, "HASOFFERS_MAX_ATTEMPTS": "2",
-               "HASOFFERS_TIMEOUT_SECONDS": "20", "HASOFFERS_RATE_LIMIT_CALLS": "1000000", "SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(self.sink.port), "SMTP_STARTTLS": "false",
+               "HASOFFERS_TIMEOUT_SECONDS": "20", "HASOFFERS_RATE_LIMIT_CALLS": "10000", "SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(self.sink.port), "SMTP_STARTTLS": "false",
                "SMTP_TIMEOUT_SECONDS": "5", "MAIL_FROM": "kpi@fault.example", "KPI_MIN_CLICKS": "0",
                "KPI_MIN_CONVERSIONS": "0", "KPI_SCHEDULE_METRICS_SECONDS": "0", "KPI_SCHEDULE_REFERENCE_SECONDS": "0",
                # The model runs every reject: the hourly cap (tested on its own) would hold most.
