@@ -165,3 +165,43 @@ def test_a_node_that_loads_the_definitions_at_boot_has_the_users_and_no_guest(tm
             assert _refused(lambda: bus.publish(_event("trigger.event.problem")))
         with pytest.raises(amqp.ProbableAuthenticationError):
             pika.BlockingConnection(pika.URLParameters(url("guest", "guest")))
+
+
+def test_a_service_process_runs_with_its_own_user_and_role(world, tmp_path):
+    """The trigger_checker as deployed: its RabbitMQ user and its PostgreSQL role. It
+    consumes, records, publishes its event and dead-letters a bad message."""
+    from datetime import datetime, timezone
+
+    from sqlalchemy import text
+
+    from shared.db import make_engine
+    from shared.sql import run_script
+    from testkit.database import service_roles, temporary_database
+    from testkit.processes import ServiceProcess
+    from testkit.waiting import wait_for
+    from tests.support import PG_ADMIN_URL, queue_depth
+
+    exchange, urls = world
+    with temporary_database(PG_ADMIN_URL, "kpi_perm") as url, service_roles(PG_ADMIN_URL, url) as roles_urls:
+        owner = make_engine(url)
+        run_script(owner, (ROOT / "seeds/example.sql").read_text())
+        service = ServiceProcess("trigger_checker", {"DATABASE_URL": roles_urls["trigger_checker"],
+                                                     "AMQP_URL": urls["trigger_checker"], "KPI_EXCHANGE": exchange},
+                                 tmp_path).start(timeout=60)
+        try:
+            measured = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+            with Bus(AMQP_URL, exchange).connect() as admin:
+                admin.publish(new_event("metric.loaded", {"metrics": [
+                    {"metric_key": "cr", "offer_id": 1, "affiliate_id": 2, "value": 0.001, "measured_at": measured}]}))
+                admin.publish_raw("metric.loaded", b"not json", message_id="bad", type="metric.loaded")
+            detector, checker = queue_names(exchange, "event_detector"), queue_names(exchange, "trigger_checker")
+            wait_for(lambda: queue_depth(detector.work) >= 1 and queue_depth(checker.dead) >= 1, 60,
+                     what="trigger.checked published and the bad message dead-lettered")
+            with owner.connect() as conn:
+                assert conn.scalar(text("SELECT count(*) FROM trigger_checks")) >= 1
+            # Refused only the other services' queues (declared by the administrator instead).
+            assert service.alive() and "Traceback" not in service.log(), service.log()
+            assert "kpi.perm" in service.log() and f"{checker.work}' in vhost '/' refused" not in service.log()
+        finally:
+            service.terminate()
+            owner.dispose()
