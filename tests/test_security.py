@@ -162,3 +162,18 @@ def test_the_tls_sink_turns_away_a_plain_client(tls_sink):
         with pytest.raises(smtplib.SMTPException):
             client.sendmail("kpi@kpi.example", ["a@x.example"], b"Subject: s\r\n\r\nh\r\n")
     assert server.mails() == []
+
+
+def test_a_missing_secret_file_stops_a_command_with_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.support import ROOT
+
+    result = subprocess.run([sys.executable, "-m", "shared.cli", "status"], cwd=ROOT, capture_output=True, text=True,
+                            env={"PATH": "/usr/bin:/bin", "DATABASE_PASSWORD_FILE": str(tmp_path / "missing")},
+                            timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"kpi: error: invalid configuration: DATABASE_PASSWORD_FILE: cannot read {tmp_path / 'missing'}: "
+        "No such file or directory"]
