@@ -36,7 +36,7 @@ class ServiceProcess:
         self.process: subprocess.Popen | None = None
         self.starts = 0
 
-    def start(self, wait_ready: bool = True, ready_text: str = "consuming", timeout: float = 20.0) -> ServiceProcess:
+    def start(self, wait_ready: bool = True, ready_text: str = "consuming", timeout: float = 60.0) -> ServiceProcess:
         with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
             self.process = subprocess.Popen([sys.executable, "-m", self.module, *self.args], cwd=ROOT,
                                             env=self.env, stdout=log, stderr=subprocess.STDOUT)

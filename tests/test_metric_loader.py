@@ -14,7 +14,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from sqlalchemy import text
 
-from shared.rabbitmq import queue_names
+from shared.rabbitmq import queue_names, read_dead_letters
 from shared.events import METRIC_LOAD_REQUESTED, MetricLoadRequested, new_event
 from shared.vocabulary import METRIC_KEYS
 from testkit.fake_hasoffers.network import Network, generate
@@ -409,3 +409,32 @@ def test_two_replicas_load_each_slot_once(start_service, loader_env, bus, exchan
         by_run[m["correlation_id"]] |= {i["measured_at"] for i in m["data"]["metrics"]}
     assert all(len(stamps) == 1 for stamps in by_run.values())
     assert TOKEN not in logs
+
+
+def test_without_credentials_it_starts_and_every_load_fails_saying_why(start_service, bus, exchange, db):
+    service = start_service("metric_loader")  # no HASOFFERS_NETWORK_ID / _TOKEN
+    assert "HASOFFERS_NETWORK_ID and HASOFFERS_NETWORK_TOKEN are not set: every load will fail" in service.log()
+    run = run_of(db, request(bus, "cr"))
+    assert run.status == "failed"
+    assert run.error == "HasOffers credentials are not configured (HASOFFERS_NETWORK_ID, HASOFFERS_NETWORK_TOKEN)"
+    assert queue_depth(queue_names(exchange, "trigger_checker").work) == 0
+    assert queue_depth(queue_names(exchange, "metric_loader").dead) == 0  # final: nothing to retry
+
+
+@pytest.mark.parametrize("data, reason", [
+    ({"metric_key": "nope", "lookback_hours": 24}, "metric_key"),
+    ({"metric_key": "cr", "lookback_hours": 0}, "lookback_hours"),
+    ({"lookback_hours": 24}, "metric_key: Field required"),
+])
+def test_an_invalid_load_request_is_dead_lettered_and_loads_nothing(loader, bus, exchange, db, fake, data, reason):
+    event = json.loads(new_event(METRIC_LOAD_REQUESTED, MetricLoadRequested(metric_key="cr", lookback_hours=24),
+                                 correlation_id="test").model_dump_json())
+    event["data"] = data
+    bus.publish_raw(METRIC_LOAD_REQUESTED, json.dumps(event).encode())
+    dead = queue_names(exchange, "metric_loader").dead
+    wait_for(lambda: queue_depth(dead) == 1, what="the dead letter")
+    [letter] = read_dead_letters(bus, "metric_loader", 10)
+    assert reason in letter["reason"] and json.loads(letter["body"])["data"] == data
+    with db.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM load_runs")).scalar() == 0
+    assert fake.requests("Report.getStats") == 0

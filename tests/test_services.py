@@ -14,6 +14,7 @@ from shared.rabbitmq import queue_names
 from shared.events import METRIC_LOADED, new_event
 from shared.service import EXIT_BROKER_UNAVAILABLE, EXIT_CONFIGURATION, EXIT_DATABASE_UNAVAILABLE
 from testkit.ports import free_port
+from testkit.processes import ServiceProcess
 from testkit.waiting import wait_for
 from tests.support import ROOT, queue_depth
 
@@ -141,3 +142,37 @@ def test_metrics_endpoint_counts_what_was_handled_and_logs_are_json(start_servic
     handled = [line for line in lines if line["message"].startswith("message handled")]
     assert len(handled) == 3 and all("outcome=dead_lettered" in line["message"] for line in handled)
     assert all(line["service"] == "action_runner" for line in lines)
+
+
+def test_health_answers_503_until_the_consumer_is_connected(service_env, tmp_path):
+    import httpx
+
+    port = free_port()
+    # A broker that is not there: the service keeps trying (and /health says not ready).
+    env = {**service_env, "AMQP_URL": "amqp://guest:guest@127.0.0.1:1/%2F", "KPI_STARTUP_ATTEMPTS": "1000",
+           "KPI_METRICS_PORT": str(port)}
+    process = ServiceProcess("trigger_checker", env, tmp_path)
+    process.start(wait_ready=False)
+    try:
+        def answer():
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+            except httpx.TransportError:
+                return None
+
+        health = wait_for(answer, 30, what="/health to answer")
+        assert (health.status_code, health.text) == (503, "not ready\n")
+    finally:
+        process.kill()
+
+
+def test_the_prefetch_comes_from_kpi_prefetch(start_service, exchange):
+    start_service("trigger_checker", KPI_PREFETCH="7")
+    work = queue_names(exchange, "trigger_checker").work
+
+    def prefetch():
+        out = subprocess.run(["rabbitmqctl", "-q", "list_consumers", "queue_name", "prefetch_count",
+                              "--no-table-headers"], capture_output=True, text=True, timeout=60).stdout
+        return next((line.split("\t")[1] for line in out.splitlines() if line.split("\t")[0] == work), None)
+
+    assert wait_for(prefetch, 30, what="the consumer on the work queue") == "7"
