@@ -160,7 +160,7 @@ def test_health_answers_503_until_the_consumer_is_connected(service_env, tmp_pat
             except httpx.TransportError:
                 return None
 
-        health = wait_for(answer, 30, what="/health to answer")
+        health = wait_for(answer, 90, what="/health to answer")
         assert (health.status_code, health.text) == (503, "not ready\n")
     finally:
         process.kill()
