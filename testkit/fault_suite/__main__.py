@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from testkit.fault_suite import checks
+from testkit.fault_suite import checks, cluster
 from testkit.fault_suite.report import print_report
 from testkit.fault_suite.scenario import Scenario
 from testkit.fault_suite.world import STARTED, World, say
@@ -31,6 +31,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-broker-restart", action="store_true", help="do not restart RabbitMQ")
     p.add_argument("--skip-db-restart", action="store_true", help="do not restart PostgreSQL")
     p.add_argument("--keep", action="store_true", help="keep the database and the queues for inspection")
+    p.add_argument("--skip-cluster", action="store_true",
+                   help="no cluster round (it runs where it can: as root with rabbitmq-server installed)")
+    p.add_argument("--cluster-rounds", type=int, default=4)
     return p
 
 
@@ -43,7 +46,7 @@ def main() -> int:
         scenario.setup()
         scenario.run()
         rows = checks.verify(args, scenario.model, world, scenario.faults, scenario.poison,
-                             scenario.barrier_timeouts)
+                             scenario.barrier_timeouts, scenario.long_load)
         ok = print_report(args, scenario.published, scenario.faults.records, rows, scenario.timings,
                           world.broker.retries, time.monotonic() - STARTED)
     except Exception as exc:
@@ -51,7 +54,15 @@ def main() -> int:
         raise
     finally:
         world.teardown()
-    say(f"finished in {time.monotonic() - STARTED:.1f}s; logs in {world.log_dir}")
+    say(f"main run finished in {time.monotonic() - STARTED:.1f}s; logs in {world.log_dir}")
+    if not args.skip_cluster:
+        problem = cluster.unavailable()
+        if problem is not None:
+            say(f"no cluster round: {problem}")
+        else:
+            ok = cluster.run(args) and ok
+            say(f"finished in {time.monotonic() - STARTED:.1f}s")
+    print(f"VERDICT (everything): {'PASS' if ok else 'FAIL'}", flush=True)
     return 0 if ok else 1
 
 

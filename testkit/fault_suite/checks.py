@@ -14,11 +14,15 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+import pika.data
+
 from shared.events import OPERATION_EXECUTED
 from shared.rabbitmq import queue_names
 from testkit.fault_suite import model as fm
 from testkit.fault_suite.injectors import Faults
-from testkit.fault_suite.world import SERVICES, World, kind_of_call
+from testkit.fault_suite.world import (
+    HEARTBEAT_SECONDS, LONG_LOAD_HEARTBEATS, SERVICES, SLOW_PAGES, World, carried_runs, carrier, kind_of_call,
+)
 from testkit.smtp import ReceivedMail
 
 
@@ -46,7 +50,7 @@ class Observed:
     event_deliveries: int
     runs: list[Any]
     mails: list[ReceivedMail]
-    mails_by_run: dict[str | None, list[ReceivedMail]]  # by X-KPI-Operation-Run
+    mails_by_run: dict[str, list[ReceivedMail]]  # by carrier: the run's id, or "digest <Message-ID>"
     calls: list[dict[str, Any]]
     left: dict[str, int]  # service -> messages in its work and retry queues
     dead: dict[str, list[tuple[Any, bytes]]]  # service -> its dead letters
@@ -73,7 +77,8 @@ def observe(world: World, poison_ids: set[str]) -> Observed:
         event_ids.add(e.id)
     # What went over the bus: the observer queue kept a copy of every announcement.
     announced, notices, deliveries = set(), set(), 0
-    for properties, body in world.broker.take_all(world.observer):
+    world.take_observed()
+    for properties, body in world.observed:
         if properties.message_id in poison_ids:
             continue
         message = json.loads(body)
@@ -85,7 +90,7 @@ def observe(world: World, poison_ids: set[str]) -> Observed:
     mails = world.sink.mails()
     mails_by_run = defaultdict(list)
     for mail in mails:  # a header is parsed on every read: once each here
-        mails_by_run[mail.header("X-KPI-Operation-Run")].append(mail)
+        mails_by_run[carrier(mail)].append(mail)
     # The services are stopped, so nothing is held unacked any more.
     left = {s: world.broker.depth(queue_names(world.exchange, s).work) +
             world.broker.depth(queue_names(world.exchange, s).retry) for s in SERVICES}
@@ -97,8 +102,9 @@ def observe(world: World, poison_ids: set[str]) -> Observed:
                 for r in db.rows("SELECT trigger_id, offer_id, affiliate_id, status, since, measured_at"
                                  " FROM trigger_states")},
         events=events, event_ids=event_ids, announced=announced, notices=notices, event_deliveries=deliveries,
-        runs=db.rows("SELECT r.id, r.action_id, r.operation_id, r.kind, r.status, r.detail, r.finished_at,"
-                     " e.offer_id, e.affiliate_id, e.measured_at FROM operation_runs r JOIN trigger_events e"
+        runs=db.rows("SELECT r.id, r.action_id, r.operation_id, r.kind, r.status, r.detail, r.finished_at, r.repeat,"
+                     " r.digest_id, r.message_id, e.offer_id, e.affiliate_id, e.measured_at"
+                     " FROM operation_runs r JOIN trigger_events e"
                      " ON e.id = r.trigger_event_id"),
         mails=mails, mails_by_run=dict(mails_by_run), calls=world.fake.write_calls(), left=left,
         dead={s: world.broker.take_all(queue_names(world.exchange, s).dead) for s in SERVICES},
@@ -107,7 +113,8 @@ def observe(world: World, poison_ids: set[str]) -> Observed:
 
 
 def verify(args: argparse.Namespace, model: fm.Model, world: World, faults: Faults,
-           poison: dict[str, dict[str, str]], barrier_timeouts: list[str]) -> list[Row]:
+           poison: dict[str, dict[str, str]], barrier_timeouts: list[str], long_load: Any = None,
+           planned: list[str] | None = None) -> list[Row]:
     seen = observe(world, {i for ids in poison.values() for i in ids})
     return [
         values_stored_once(model, seen),
@@ -124,9 +131,11 @@ def verify(args: argparse.Namespace, model: fm.Model, world: World, faults: Faul
         repeats_within_crashes(model, seen, faults),
         queues_left_empty(seen),
         *(dead_letters_once(seen, service, poison[service], faults) for service in SERVICES),
+        dead_letter_headers_bounded(seen),
         loads_succeeded(seen),
+        *([long_load_once(world, long_load)] if long_load is not None else []),
         no_replica_exited(world),
-        faults_as_planned(args, faults),
+        faults_as_planned(args, faults, planned),
         rounds_within_the_barrier(args, barrier_timeouts),
     ]
 
@@ -177,12 +186,12 @@ def trigger_events_announced(seen: Observed) -> Row:
 def runs_once(m: fm.Model, seen: Observed) -> Row:
     by_key = defaultdict(list)
     for r in seen.runs:
-        by_key[(r.action_id, r.operation_id, r.offer_id, r.affiliate_id, r.measured_at)].append(r)
+        by_key[run_key(r)].append(r)
     missing = [k for k in m.runs if k not in by_key]
     doubled = sum(len(v) - 1 for v in by_key.values()) + sum(len(v) for k, v in by_key.items() if k not in m.runs)
     wrong = [(k, v[0].status, v[0].detail) for k, v in by_key.items()
              if k in m.runs and v[0].status != m.runs[k].status]
-    return Row("operation runs, one per (event, action, operation) (missing / duplicated / other outcome)",
+    return Row("operation runs, one per (event, action, operation, reminder) (missing / duplicated / other outcome)",
                len(m.runs), len(seen.runs), len(missing) + doubled + len(wrong),
                f"{len(missing)} / {doubled} / {len(wrong)}",
                {"missing runs": missing[:5], "runs with another outcome": wrong[:5]})
@@ -197,21 +206,39 @@ def final_runs_announced(seen: Observed) -> Row:
 # -- side effects ------------------------------------------------------------------------------------
 
 
+def run_key(r: Any) -> fm.RunKey:
+    return r.action_id, r.operation_id, r.offer_id, r.affiliate_id, r.measured_at, r.repeat
+
+
 def emails_once(m: fm.Model, seen: Observed) -> Row:
-    per_run = seen.mails_per_run()
-    sending = {str(r.id): r for r in seen.runs if r.kind.startswith("email") and r.status == "succeeded"}
+    """Every sending run carried by one email (a digest carries all the runs of its window),
+    to the model's recipients; a digested run records the Message-ID that carried it."""
+    sending = {r.id: r for r in seen.runs if r.kind.startswith("email") and r.status == "succeeded"}
     expected = sum(1 for run in m.runs.values() if run.kind.startswith("email") and run.status == "succeeded")
-    unsent = [i for i in sending if per_run[i] == 0]
-    stray = [i for i in per_run if i not in sending]
-    wrong_to = []
+    carried_by: dict[int, set[str]] = defaultdict(set)  # run -> carriers
+    for key, mails in seen.mails_by_run.items():
+        for run_id in carried_runs(mails[0]):
+            carried_by[run_id].add(key)
+    unsent = [i for i in sending if not carried_by.get(i)]
+    stray = [key for key, mails in seen.mails_by_run.items() if not set(carried_runs(mails[0])) <= set(sending)
+             or not carried_runs(mails[0])]
+    wrong = []  # wrong recipients, digested or not against the model, another Message-ID recorded
     for run_id, run in sending.items():
-        expectation = m.runs.get((run.action_id, run.operation_id, run.offer_id, run.affiliate_id, run.measured_at))
-        got = {tuple(mail.rcpt_tos) for mail in seen.mails_by_run.get(run_id, [])}
-        if expectation is not None and got and got != {expectation.recipients}:
-            wrong_to.append(run_id)
-    return Row("emails, one per sending run (missing / stray / wrong recipients)", expected, len(seen.mails),
-               len(unsent) + len(stray) + len(wrong_to), f"{len(unsent)} / {len(stray)} / {len(wrong_to)}",
-               {"unsent mails": unsent[:5], "stray mails": stray[:5]})
+        expectation = m.runs.get(run_key(run))
+        mails = [mail for key in carried_by.get(run_id, ()) for mail in seen.mails_by_run[key]]
+        got = {tuple(mail.rcpt_tos) for mail in mails}
+        if expectation is not None and (got and got != {expectation.recipients}
+                                        or expectation.digest != (run.digest_id is not None)):
+            wrong.append(run_id)
+        elif run.digest_id is not None and mails and {mail.header("Message-ID") for mail in mails} != {run.message_id}:
+            wrong.append(run_id)
+    digests = [key for key in seen.mails_by_run if key.startswith("digest ")]
+    in_digests = sum(len(carried_runs(seen.mails_by_run[key][0])) for key in digests)
+    return Row("emails: every sending run carried once (missing / stray / wrong recipients or digest)", expected,
+               len(carried_by), len(unsent) + len(stray) + len(wrong),
+               f"{len(unsent)} / {len(stray)} / {len(wrong)}; {len(seen.mails)} mails, {len(digests)} of them "
+               f"digests carrying {in_digests} runs",
+               {"unsent mails": unsent[:5], "stray mails": stray[:5], "wrong mails": wrong[:5]})
 
 
 def _expected_calls(m: fm.Model) -> Counter:
@@ -245,10 +272,11 @@ def repeats_within_crashes(m: fm.Model, seen: Observed, faults: Faults) -> Row:
     """Every repeated side effect explained by a crash of its own between its copies, and
     no more repeats than crashes that caught a run in its window."""
     duplicates = []
-    mail_copies = [(run_id, n) for run_id, n in seen.mails_per_run().items() if n > 1]
-    for run_id, n in mail_copies:
-        times = sorted(mail.at for mail in seen.mails_by_run[run_id])
-        duplicates += [(times[0], times[-1], f"mail of run {run_id}", {int(run_id)})] * (n - 1)
+    mail_copies = [(key, n) for key, n in seen.mails_per_run().items() if n > 1]
+    for key, n in mail_copies:
+        times = sorted(mail.at for mail in seen.mails_by_run[key])
+        what = key if key.startswith("digest") else f"mail of run {key}"
+        duplicates += [(times[0], times[-1], what, set(carried_runs(seen.mails_by_run[key][0])))] * (n - 1)
     extra_calls = _observed_calls(seen) - _expected_calls(m)
     for key, n in extra_calls.items():
         times = sorted(c["at"] for c in seen.calls if seen.call_key(c) == key)
@@ -301,7 +329,8 @@ def dead_letters_once(seen: Observed, service: str, poison: dict[str, str], faul
                             if p.message_id == message_id)
             repeats += [(stamps[0] - 1, stamps[-1] + 1, poison[message_id], set())] * (n - 1)
     crashes = [(r.started, r.ended or r.started, r.target, set()) for r in faults.records
-               if (r.kind == "kill -9" and r.target.startswith(service)) or r.kind == "RabbitMQ restart"]
+               if (r.kind == "kill -9" and r.target.startswith(service))
+               or r.kind in ("RabbitMQ restart", "RabbitMQ node lost")]
     unexplained, explained = match(repeats, crashes)
     return Row(f"dead letters of {service}: one per poison message (missing / stray / repeated)",
                len(expected_ids), len(dead), len(stray) + len(missing) + len(unexplained),
@@ -309,6 +338,18 @@ def dead_letters_once(seen: Observed, service: str, poison: dict[str, str], faul
                + (f"; repeated after a crash: {'; '.join(explained)}" if explained else "")
                + (f"; UNEXPLAINED repeat: {unexplained}" if unexplained else "")
                + (f"; stray: {stray[:3]}" if stray else ""))
+
+
+# A header table above RabbitMQ's frame size (128 KiB) closes the connection: a reason or a
+# history copied in unbounded blocks the queue. Ours stay far below it.
+HEADERS_MAX = 32 * 1024
+
+
+def dead_letter_headers_bounded(seen: Observed) -> Row:
+    sizes = [pika.data.encode_table([], p.headers or {}) for letters in seen.dead.values() for p, _ in letters]
+    over = [size for size in sizes if size > HEADERS_MAX]
+    return Row(f"dead letters' headers within {HEADERS_MAX // 1024} KiB (largest, bytes)", len(sizes),
+               max(sizes, default=0), len(over))
 
 
 # -- the run itself -----------------------------------------------------------------------------------
@@ -320,16 +361,36 @@ def loads_succeeded(seen: Observed) -> Row:
                "; ".join(f"{lr.metric_key} {lr.status} {lr.error}" for lr in failed)[:200])
 
 
+def long_load_once(world: World, load: Any) -> Row:
+    """The slow cr load: done in one attempt although it outlasted LONG_LOAD_HEARTBEATS of
+    its connection's heartbeats, each report page read once."""
+    run = world.db.rows("SELECT status, attempts, started_at, finished_at FROM load_runs"
+                        " WHERE request_event_id = :e", e=str(load.request.event_id))
+    if not run or run[0].finished_at is None:
+        return Row("long load: one attempt, each page once", 1, 0, 1, "the load never finished")
+    run = run[0]
+    seconds = (run.finished_at - run.started_at).total_seconds()
+    begin, end = run.started_at.timestamp() - 1, run.finished_at.timestamp() + 1
+    pages = Counter(params for at, params in world.fake.calls.report_pages if begin <= at <= end)
+    twice = sum(n - 1 for n in pages.values())
+    bad = (run.status != "succeeded") + (run.attempts != 1) + twice + (len(pages) < SLOW_PAGES) + \
+        (seconds < LONG_LOAD_HEARTBEATS * HEARTBEAT_SECONDS)
+    return Row("long load: one attempt, each page once (pages read twice)", 1, run.attempts, bad,
+               f"{run.status} in {seconds:.1f}s = {seconds / HEARTBEAT_SECONDS:.1f} heartbeats of "
+               f"{HEARTBEAT_SECONDS}s; {len(pages)} pages, {twice} read twice")
+
+
 def no_replica_exited(world: World) -> Row:
     exits = world.unexpected_exits
     return Row("replicas that exited on their own", 0, len(exits), len(exits), "; ".join(exits))
 
 
-def faults_as_planned(args: argparse.Namespace, faults: Faults) -> Row:
+def faults_as_planned(args: argparse.Namespace, faults: Faults, planned: list[str] | None = None) -> Row:
     errors = faults.of("error")
-    planned = ["kill -9", "SMTP down", "HasOffers down", "HasOffers errors"]
-    planned += [] if args.skip_broker_restart else ["RabbitMQ restart"]
-    planned += [] if args.skip_db_restart else ["PostgreSQL restart"]
+    if planned is None:
+        planned = ["kill -9", "SMTP down", "HasOffers down", "HasOffers errors"]
+        planned += [] if args.skip_broker_restart else ["RabbitMQ restart"]
+        planned += [] if args.skip_db_restart else ["PostgreSQL restart"]
     absent = [kind for kind in planned if not faults.of(kind)]
     return Row("faults injected as planned (failed / kinds missing)", len(planned), len(planned) - len(absent),
                len(errors) + len(absent), "; ".join([f"{e.target}: {e.note}" for e in errors] + absent)[:300])

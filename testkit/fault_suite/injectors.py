@@ -19,7 +19,7 @@ from sqlalchemy.exc import DBAPIError
 
 from shared.events import Envelope
 from testkit.fake_hasoffers.server import Fault
-from testkit.fault_suite.world import Replica, World, kind_of_call, replica_by_port
+from testkit.fault_suite.world import Replica, World, carried_runs, kind_of_call, replica_by_port
 from testkit.smtp import ReceivedMail
 
 
@@ -227,6 +227,14 @@ class Faults:
         if calls.take_hold() is not None:  # no call came: restart anyway
             self.rabbitmq_restart(note="no HasOffers call to hold")
 
+    def lose_node(self, cluster: Any, i: int) -> None:
+        """kill -9 a cluster node's VM (it leads every queue: they were declared through it);
+        the round goes on with the other two, and so does the rest of the run."""
+        record = self.record(FaultRecord("RabbitMQ node lost", cluster.node_name(i).split("@")[0], time.time(),
+                                         note="kill -9 of its VM; not started again"))
+        cluster.kill(i)
+        record.ended = time.time()
+
     def rabbitmq_restart(self, note: str = "") -> None:
         record = self.record(FaultRecord("RabbitMQ restart", "broker", time.time(), note=note))
         self._restart(record, ["rabbitmqctl", "stop_app"], ["rabbitmqctl", "start_app"], 2.0)
@@ -264,9 +272,8 @@ class Faults:
         that finished after it.)"""
         effects: dict[int, list[float]] = defaultdict(list)
         for mail in mails:
-            run_id = mail.header("X-KPI-Operation-Run")
-            if run_id and run_id.isdigit():
-                effects[int(run_id)].append(mail.at)
+            for run_id in carried_runs(mail):
+                effects[run_id].append(mail.at)
         finished = defaultdict(list)
         for r in runs:
             if r.finished_at is not None and not r.kind.startswith("email"):
@@ -315,7 +322,7 @@ def runs_in_side_effect_window(world: World) -> list[int]:
                 " WHERE r.status <> 'pending' AND r.kind IN ('approve_affiliate', 'reject_affiliate')")))
     except DBAPIError:
         return []
-    mailed = {mail.header("X-KPI-Operation-Run") for mail in world.sink.mails()}
+    mailed = {str(run) for mail in world.sink.mails() for run in carried_runs(mail)}
     calls = Counter((kind_of_call(c), c["offer_id"], c["affiliate_id"]) for c in world.fake.write_calls())
     return [p.id for p in pending
             if (p.kind.startswith("email") and str(p.id) in mailed)
@@ -340,7 +347,7 @@ def still_in_window(world: World, candidates: list[int]) -> list[tuple[int, int]
                 " WHERE r.kind IN ('approve_affiliate', 'reject_affiliate')")))
     except DBAPIError:
         return [(run, 0) for run in candidates]
-    mails = Counter(mail.header("X-KPI-Operation-Run") for mail in world.sink.mails())
+    mails = Counter(str(run) for mail in world.sink.mails() for run in carried_runs(mail))
     calls = Counter((kind_of_call(c), c["offer_id"], c["affiliate_id"]) for c in world.fake.write_calls())
     caught = []
     for r in found:

@@ -40,16 +40,20 @@ class TriggerDef:
     operator: str
     threshold: float
     active: bool = True
-    offer: tuple[tuple[int, float], ...] = ()  # offer-scope thresholds
-    affiliate: tuple[tuple[int, float], ...] = ()  # affiliate-scope thresholds
+    # Scoped thresholds: (offer or affiliate id, threshold, recovery value or None).
+    offer: tuple[tuple[int, float, float | None], ...] = ()
+    affiliate: tuple[tuple[int, float, float | None], ...] = ()
+    for_checks: int = 1  # debounce: PROBLEM only after this many PROBLEM checks in a row
+    recovery: float | None = None  # hysteresis of the general threshold (None: the threshold)
 
-    def threshold_for(self, offer_id: int, affiliate_id: int) -> float:
-        # Most specific wins: affiliate > offer > general (the only scopes the suite seeds).
+    def threshold_for(self, offer_id: int, affiliate_id: int) -> tuple[float, float]:
+        """(threshold, recovery) of the pair, both from the same row. Most specific wins:
+        affiliate > offer > general (the only scopes the suite seeds)."""
         for scoped, key in ((self.affiliate, affiliate_id), (self.offer, offer_id)):
-            for target, value in scoped:
+            for target, value, recovery in scoped:
                 if target == key:
-                    return value
-        return self.threshold
+                    return value, value if recovery is None else recovery
+        return self.threshold, self.threshold if self.recovery is None else self.recovery
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,7 @@ class OperationDef:
     kind: str
     subject: str | None = None
     body: str | None = None
+    digest_minutes: int | None = None  # runs within this window go out as one email
 
 
 @dataclass(frozen=True)
@@ -68,19 +73,21 @@ class ActionDef:
     conditions: tuple[tuple[int, str], ...]  # (trigger id, status)
     operations: tuple[int, ...]
     active: bool = True
+    repeat_minutes: int | None = None  # reminders of the email operations
 
 
 MIN_CR, MAX_CR, NEG_PACC, DEEP_LOSS, PACC_WATCH, LOW_GTR, HIGH_GTR, CAP_FILL, CAP_OVER = range(1, 10)
 
 TRIGGERS = (
     TriggerDef(MIN_CR, "min CR", "cr", "lt", 0.005),
-    TriggerDef(MAX_CR, "max CR", "cr", "gt", 0.30, offer=((4, 0.5),)),
+    TriggerDef(MAX_CR, "max CR", "cr", "gt", 0.30, offer=((4, 0.5, None),)),
     TriggerDef(NEG_PACC, "negative pacc", "pacc", "lt", 0.0),
-    TriggerDef(DEEP_LOSS, "deep loss", "pacc", "lt", -20.0, affiliate=((3, -40.0),)),
+    # Hysteresis, on the general threshold and on a scoped row of its own.
+    TriggerDef(DEEP_LOSS, "deep loss", "pacc", "lt", -20.0, affiliate=((3, -40.0, -30.0),), recovery=-10.0),
     TriggerDef(PACC_WATCH, "pacc watch (inactive)", "pacc", "gt", 0.0, active=False),
-    TriggerDef(LOW_GTR, "low goal ratio", "gtr", "lt", 0.05),
-    TriggerDef(HIGH_GTR, "high goal ratio", "gtr", "gt", 0.8),
-    TriggerDef(CAP_FILL, "cap fill", "cap_fill", "ge", 1.0, affiliate=((7, 1.2),)),
+    TriggerDef(LOW_GTR, "low goal ratio", "gtr", "lt", 0.05, for_checks=2),  # debounce
+    TriggerDef(HIGH_GTR, "high goal ratio", "gtr", "gt", 0.8, recovery=0.7),
+    TriggerDef(CAP_FILL, "cap fill", "cap_fill", "ge", 1.0, affiliate=((7, 1.2, None),)),
     TriggerDef(CAP_OVER, "cap overshoot", "cap_fill", "ge", 1.5),
 )
 TRIGGER_BY_ID = {t.id: t for t in TRIGGERS}
@@ -89,7 +96,7 @@ MAIL_AFF, MAIL_MGR, MAIL_ADMINS, APPROVE, REJECT, MAIL_ADMINS_REJECT = range(1, 
 OPERATIONS = (
     OperationDef(MAIL_AFF, "mail affiliate", "email_affiliate", "Offer {offer-name}: {trigger-name} is {status}",
                  "<p>{metric} = {value} (threshold {threshold}) at {measured-at}</p>"),
-    OperationDef(MAIL_MGR, "mail account manager", "email_affiliate_manager"),
+    OperationDef(MAIL_MGR, "mail account manager", "email_affiliate_manager", digest_minutes=1),
     OperationDef(MAIL_ADMINS, "mail administrators", "email_administrators",
                  "[KPI] {trigger-name} {previous-status} -> {status}: offer {offer-id}, affiliate {affiliate-id}"),
     OperationDef(APPROVE, "approve affiliate", "approve_affiliate"),
@@ -102,7 +109,7 @@ OPERATION_BY_ID = {o.id: o for o in OPERATIONS}
 ACTIONS = (
     ActionDef(1, "warn on low CR", ((MIN_CR, "PROBLEM"),), (MAIL_AFF, MAIL_MGR)),
     ActionDef(2, "reject high CR", ((MAX_CR, "PROBLEM"),), (REJECT,)),
-    ActionDef(3, "loss alert", ((NEG_PACC, "PROBLEM"),), (MAIL_ADMINS,)),
+    ActionDef(3, "loss alert", ((NEG_PACC, "PROBLEM"),), (MAIL_ADMINS,), repeat_minutes=20),
     ActionDef(4, "approve when profitable again", ((NEG_PACC, "OK"),), (APPROVE,)),
     ActionDef(5, "goal ratio low", ((LOW_GTR, "PROBLEM"),), (MAIL_AFF,)),
     ActionDef(6, "cap reached", ((CAP_FILL, "PROBLEM"),), (MAIL_MGR,)),
@@ -112,9 +119,17 @@ ACTIONS = (
     # Two conditions on triggers of one metric: both states change in one transaction of
     # the event_detector, so which of them completes the conjunction is a race the
     # episode rule (DESIGN.md section 8) must absorb: one firing per episode either way.
-    ActionDef(10, "reject overshoot", ((CAP_FILL, "PROBLEM"), (CAP_OVER, "PROBLEM")), (REJECT, MAIL_ADMINS_REJECT)),
+    # Reminders of its mail only: a reject never repeats.
+    ActionDef(10, "reject overshoot", ((CAP_FILL, "PROBLEM"), (CAP_OVER, "PROBLEM")), (REJECT, MAIL_ADMINS_REJECT),
+              repeat_minutes=20),
     ActionDef(11, "loss alert (inactive)", ((NEG_PACC, "PROBLEM"),), (MAIL_ADMINS,), active=False),
 )
+
+# Silences in force all along: (trigger, offer, affiliate), None matching anything. Each
+# matches whole episodes whichever trigger's event fired them (no race to model).
+SILENCES = ((None, None, 5), (LOW_GTR, 3, None))
+
+ACTION_BY_ID = {a.id: a for a in ACTIONS}
 
 ADMINISTRATORS = (("ops@network.example", True), ("oncall@network.example", True),
                   ("former@network.example", False))
@@ -150,24 +165,29 @@ def _sql(value: object) -> str:
 def seed_sql() -> str:
     rows = []
     for t in TRIGGERS:
-        rows.append(f"INSERT INTO triggers (id, name, metric_key, operator, threshold, active) VALUES "
-                    f"({t.id}, {_sql(t.name)}, {_sql(t.metric)}, {_sql(t.operator)}, {t.threshold!r}, {_sql(t.active)});")
-        for offer_id, value in t.offer:
-            rows.append(f"INSERT INTO trigger_thresholds (trigger_id, scope, offer_id, value) "
-                        f"VALUES ({t.id}, 'offer', {offer_id}, {value!r});")
-        for affiliate_id, value in t.affiliate:
-            rows.append(f"INSERT INTO trigger_thresholds (trigger_id, scope, affiliate_id, value) "
-                        f"VALUES ({t.id}, 'affiliate', {affiliate_id}, {value!r});")
+        rows.append(f"INSERT INTO triggers (id, name, metric_key, operator, threshold, active, for_checks,"
+                    f" recovery_threshold) VALUES ({t.id}, {_sql(t.name)}, {_sql(t.metric)}, {_sql(t.operator)},"
+                    f" {t.threshold!r}, {_sql(t.active)}, {t.for_checks}, {_sql(t.recovery)});")
+        for scope, scoped in (("offer", t.offer), ("affiliate", t.affiliate)):
+            for target, value, recovery in scoped:
+                rows.append(f"INSERT INTO trigger_thresholds (trigger_id, scope, {scope}_id, value, recovery_value)"
+                            f" VALUES ({t.id}, '{scope}', {target}, {value!r}, {_sql(recovery)});")
     for o in OPERATIONS:
-        rows.append(f"INSERT INTO operations (id, name, kind, subject, body) VALUES "
-                    f"({o.id}, {_sql(o.name)}, {_sql(o.kind)}, {_sql(o.subject)}, {_sql(o.body)});")
+        rows.append(f"INSERT INTO operations (id, name, kind, subject, body, digest_minutes) VALUES "
+                    f"({o.id}, {_sql(o.name)}, {_sql(o.kind)}, {_sql(o.subject)}, {_sql(o.body)},"
+                    f" {_sql(o.digest_minutes)});")
     for a in ACTIONS:
-        rows.append(f"INSERT INTO actions (id, name, active) VALUES ({a.id}, {_sql(a.name)}, {_sql(a.active)});")
+        rows.append(f"INSERT INTO actions (id, name, active, repeat_minutes) VALUES ({a.id}, {_sql(a.name)},"
+                    f" {_sql(a.active)}, {_sql(a.repeat_minutes)});")
         for trigger_id, status in a.conditions:
             rows.append(f"INSERT INTO action_conditions (action_id, trigger_id, trigger_status) "
                         f"VALUES ({a.id}, {trigger_id}, {_sql(status)});")
         for operation_id in a.operations:
             rows.append(f"INSERT INTO action_operations (action_id, operation_id) VALUES ({a.id}, {operation_id});")
+    for trigger_id, offer_id, affiliate_id in SILENCES:
+        rows.append(f"INSERT INTO silences (trigger_id, offer_id, affiliate_id, starts_at, ends_at, reason, created_by)"
+                    f" VALUES ({_sql(trigger_id)}, {_sql(offer_id)}, {_sql(affiliate_id)}, now() - interval '7 days',"
+                    f" now() + interval '7 days', 'fault suite: a known case', 'fault-suite');")
     for email, active in ADMINISTRATORS:
         rows.append(f"INSERT INTO administrators (email, active) VALUES ({_sql(email)}, {_sql(active)});")
     for table in ("triggers", "operations", "actions"):
@@ -206,21 +226,33 @@ def people_of(network: Network) -> People:
 
 @dataclass(frozen=True)
 class State:
-    status: str
-    since: datetime
+    status: str | None  # None: a new pair whose first PROBLEM checks have decided nothing yet
+    since: datetime | None
     measured_at: datetime
 
 
 @dataclass(frozen=True)
 class RunExpectation:
     kind: str
-    status: str  # succeeded | skipped
+    status: str  # succeeded | skipped | silenced
     recipients: tuple[str, ...] = ()  # emails
     call: tuple | None = None  # HasOffers: (method, offer, affiliate, status)
+    digest: bool = False  # carried by a digest email (with the other runs of its window)
+
+
+@dataclass
+class Firing:
+    """An action fired for an episode: what its reminders need."""
+    trigger_id: int  # of the event that fired it (reminders follow that trigger's checks)
+    event_at: datetime
+    last_run_at: datetime
+    repeat: int = 0
 
 
 Item = tuple[str, int, int, float]  # metric, offer, affiliate, value
 Pair = tuple[int, int]
+# Runs are keyed (action, operation, offer, affiliate, the event's measured_at, repeat).
+RunKey = tuple[int, int, int, int, datetime, int]
 
 
 @dataclass
@@ -229,9 +261,10 @@ class Model:
     values: dict[tuple, float] = field(default_factory=dict)  # (metric, o, a, ts) -> value
     checks: dict[tuple, str] = field(default_factory=dict)  # (trigger, o, a, ts) -> status
     states: dict[tuple, State] = field(default_factory=dict)  # (trigger, o, a) -> state
+    streaks: dict[tuple, int] = field(default_factory=dict)  # (trigger, o, a) -> PROBLEM checks in a row
     events: dict[tuple, tuple] = field(default_factory=dict)  # (trigger, o, a, ts) -> (previous, status)
-    firings: set[tuple] = field(default_factory=set)  # (action, o, a, episode)
-    runs: dict[tuple, RunExpectation] = field(default_factory=dict)  # (action, op, o, a, ts) -> run
+    firings: dict[tuple, Firing] = field(default_factory=dict)  # (action, o, a, episode) -> firing
+    runs: dict[RunKey, RunExpectation] = field(default_factory=dict)
 
     @staticmethod
     def checks_of(items: list[Item]) -> int:
@@ -242,8 +275,10 @@ class Model:
         return sum(per_metric[metric] for metric, *_ in items)
 
     def apply_round(self, items: list[Item], ts: datetime) -> None:
-        """One round: every (metric, pair) at most once, all at measured_at `ts`."""
+        """One round: every (metric, pair) at most once, all at measured_at `ts`, newer
+        than every earlier round (the suite delivers rounds in order)."""
         round_events: list[tuple[int, int, int, str]] = []
+        checked: set[tuple[int, int, int]] = set()
         for metric, offer_id, affiliate_id, value in items:
             key = (metric, offer_id, affiliate_id, ts)
             if key in self.values:
@@ -252,24 +287,45 @@ class Model:
             for t in TRIGGERS:
                 if not t.active or t.metric != metric:
                     continue
-                threshold = t.threshold_for(offer_id, affiliate_id)
-                status = "PROBLEM" if OPERATORS[t.operator](value, threshold) else "OK"
-                self.checks[(t.id, offer_id, affiliate_id, ts)] = status
-                previous = self.states.get((t.id, offer_id, affiliate_id))
-                if previous is None:
-                    self.states[(t.id, offer_id, affiliate_id)] = State(status, ts, ts)
-                    if status == "PROBLEM":  # first seen in PROBLEM is news, first seen OK is not
-                        self.events[(t.id, offer_id, affiliate_id, ts)] = (None, status)
-                        round_events.append((t.id, offer_id, affiliate_id, status))
-                elif ts <= previous.measured_at:
-                    continue
-                elif status != previous.status:
-                    self.states[(t.id, offer_id, affiliate_id)] = State(status, ts, ts)
-                    self.events[(t.id, offer_id, affiliate_id, ts)] = (previous.status, status)
-                    round_events.append((t.id, offer_id, affiliate_id, status))
-                else:
-                    self.states[(t.id, offer_id, affiliate_id)] = State(status, previous.since, ts)
+                threshold, recovery = t.threshold_for(offer_id, affiliate_id)
+                problem = OPERATORS[t.operator](value, threshold)
+                self.checks[(t.id, offer_id, affiliate_id, ts)] = "PROBLEM" if problem else "OK"
+                checked.add((t.id, offer_id, affiliate_id))
+                changed = self._step((t.id, offer_id, affiliate_id), t, problem,
+                                     clears=not problem and not OPERATORS[t.operator](value, recovery), ts=ts)
+                if changed is not None:
+                    self.events[(t.id, offer_id, affiliate_id, ts)] = changed
+                    round_events.append((t.id, offer_id, affiliate_id, changed[1]))
         self._fire(round_events, ts)
+        self._remind(checked, ts)
+
+    def _step(self, key: tuple, t: TriggerDef, problem: bool, clears: bool, ts: datetime
+              ) -> tuple[str | None, str] | None:
+        """Fold one check into the pair's state (DESIGN.md section 6: debounce and
+        hysteresis); the change it makes, if any: (previous, status)."""
+        previous = self.states.get(key)
+        if previous is not None and ts <= previous.measured_at:
+            return None  # older than the state: recorded, nothing else (not in the suite's order)
+        status, since = (previous.status, previous.since) if previous else (None, None)
+        if problem:
+            self.streaks[key] = streak = self.streaks.get(key, 0) + 1
+            if status != "PROBLEM" and streak >= t.for_checks:
+                self.states[key] = State("PROBLEM", ts, ts)
+                return status, "PROBLEM"  # first seen in PROBLEM is news (previous None)
+        else:
+            self.streaks[key] = 0
+            if status is None:
+                self.states[key] = State("OK", ts, ts)  # first seen OK is not
+                return None
+            if status == "PROBLEM" and clears:
+                self.states[key] = State("OK", ts, ts)
+                return "PROBLEM", "OK"
+        self.states[key] = State(status, since, ts)
+        return None
+
+    def _episode(self, action: ActionDef, offer_id: int, affiliate_id: int) -> tuple:
+        triggers = sorted({t for t, _ in action.conditions})
+        return tuple((t, self.states[(t, offer_id, affiliate_id)].since) for t in triggers)
 
     def _fire(self, round_events: list[tuple[int, int, int, str]], ts: datetime) -> None:
         # States are read after the whole round: the suite lets the action_runner decide
@@ -277,26 +333,48 @@ class Model:
         for action in ACTIONS:
             if not action.active:
                 continue
-            triggers = sorted({t for t, _ in action.conditions})
             for trigger_id, offer_id, affiliate_id, status in round_events:
                 if (trigger_id, status) not in action.conditions:
                     continue
                 if not all(self._holds(t, s, offer_id, affiliate_id) for t, s in action.conditions):
                     continue
-                episode = tuple((t, self.states[(t, offer_id, affiliate_id)].since) for t in triggers)
+                episode = self._episode(action, offer_id, affiliate_id)
                 if (action.id, offer_id, affiliate_id, episode) in self.firings:
                     continue
-                self.firings.add((action.id, offer_id, affiliate_id, episode))
+                self.firings[(action.id, offer_id, affiliate_id, episode)] = Firing(trigger_id, ts, ts)
                 for operation_id in action.operations:
-                    self.runs[(action.id, operation_id, offer_id, affiliate_id, ts)] = self._run(
-                        OPERATION_BY_ID[operation_id].kind, offer_id, affiliate_id)
+                    self.runs[(action.id, operation_id, offer_id, affiliate_id, ts, 0)] = self._run(
+                        OPERATION_BY_ID[operation_id], trigger_id, offer_id, affiliate_id)
+
+    def _remind(self, checked: set[tuple[int, int, int]], ts: datetime) -> None:
+        """Reminders (DESIGN.md section 6): an action with repeat_minutes whose episode still
+        lasts runs its email operations again at the first check of the pair, under the
+        trigger of the event that fired it, at least repeat_minutes after its last run."""
+        for (action_id, offer_id, affiliate_id, episode), firing in self.firings.items():
+            action = ACTION_BY_ID[action_id]
+            if action.repeat_minutes is None or (firing.trigger_id, offer_id, affiliate_id) not in checked:
+                continue
+            if ts < firing.last_run_at + timedelta(minutes=action.repeat_minutes):
+                continue
+            if not all(self._holds(t, s, offer_id, affiliate_id) for t, s in action.conditions) or \
+                    self._episode(action, offer_id, affiliate_id) != episode:
+                continue  # the episode ended (a new one is a firing of its own)
+            firing.repeat += 1
+            firing.last_run_at = ts
+            for operation_id in action.operations:
+                operation = OPERATION_BY_ID[operation_id]
+                if operation.kind.startswith("email"):
+                    self.runs[(action_id, operation_id, offer_id, affiliate_id, firing.event_at, firing.repeat)] = \
+                        self._run(operation, firing.trigger_id, offer_id, affiliate_id)
 
     def _holds(self, trigger_id: int, status: str, offer_id: int, affiliate_id: int) -> bool:
         state = self.states.get((trigger_id, offer_id, affiliate_id))
         return state is not None and state.status == status
 
-    def _run(self, kind: str, offer_id: int, affiliate_id: int) -> RunExpectation:
-        p = self.people
+    def _run(self, operation: OperationDef, trigger_id: int, offer_id: int, affiliate_id: int) -> RunExpectation:
+        p, kind = self.people, operation.kind
+        if any(silenced(trigger_id, offer_id, affiliate_id, silence) for silence in SILENCES):
+            return RunExpectation(kind, "silenced")
         if kind == "approve_affiliate":
             return RunExpectation(kind, "succeeded", call=("Offer.setAffiliateApproval", offer_id, affiliate_id,
                                                            "approved"))
@@ -312,7 +390,12 @@ class Model:
             recipients = (manager,) if manager else ()
         else:
             recipients = p.admins
-        return RunExpectation(kind, "succeeded" if recipients else "skipped", recipients=tuple(recipients))
+        return RunExpectation(kind, "succeeded" if recipients else "skipped", recipients=tuple(recipients),
+                              digest=bool(recipients) and operation.digest_minutes is not None)
+
+
+def silenced(trigger_id: int, offer_id: int, affiliate_id: int, silence: tuple) -> bool:
+    return all(want is None or want == have for want, have in zip(silence, (trigger_id, offer_id, affiliate_id)))
 
 
 # -- the values the suite publishes itself ---------------------------------------------------

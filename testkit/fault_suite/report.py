@@ -12,16 +12,17 @@ from testkit.fault_suite.injectors import FaultRecord
 # The details below the table, in this order; shown when the run failed ("duplicates",
 # which a passing run may have too, always).
 DETAILS = ("lost values", "extra values", "missing runs", "runs with another outcome", "missing calls",
-           "unsent mails", "stray mails", "duplicates", "final runs never announced",
+           "unsent mails", "stray mails", "wrong mails", "duplicates", "final runs never announced",
            "trigger events never announced")
 
 
 def print_report(args: argparse.Namespace, published: Counter, faults: list[FaultRecord], rows: list[Row],
-                 timings: dict[str, float], reconnects: int, elapsed: float) -> bool:
+                 timings: dict[str, float], reconnects: int, elapsed: float,
+                 title: str = "hasoffers-kpi fault suite") -> bool:
     a = args
     ok = all(row.violations == 0 for row in rows)
     width = max(len(r.check) for r in rows)
-    out = ["", "=" * 100, "hasoffers-kpi fault suite", "=" * 100,
+    out = ["", "=" * 100, title, "=" * 100,
            f"seed {a.seed}; {a.rounds} rounds; fake network {a.offers} offers x {a.affiliates} affiliates; "
            f"direct pairs pacc {a.pacc_pairs}, gtr {a.gtr_pairs}, cap_fill {a.cap_pairs} ({a.volatile:.0%} volatile); "
            f"4 services x 2 replicas; KPI_RETRY_DELAY_MS {a.retry_delay_ms}, KPI_RETRY_LIMIT {a.retry_limit}",
@@ -39,8 +40,9 @@ def print_report(args: argparse.Namespace, published: Counter, faults: list[Faul
                    f"{'ok' if r.violations == 0 else 'FAIL':<7}  {r.note}")
     out.append("-" * 120)
     out.append(f"time to drain after the last fault: {timings.get('drain after the last fault', 0):.1f}s; "
-               f"rounds {timings.get('rounds', 0):.1f}s; whole suite {elapsed:.1f}s; "
-               f"suite's publisher reconnects {reconnects}")
+               f"rounds {timings.get('rounds', 0):.1f}s; "
+               + (f"cluster up {timings['cluster up']:.1f}s; " if "cluster up" in timings else "")
+               + f"in all {elapsed:.1f}s; suite's publisher reconnects {reconnects}")
     details = {name: items for row in rows for name, items in row.details.items()}
     for name in DETAILS:
         items = details.get(name)

@@ -15,6 +15,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 from shared.events import (
     METRIC_LOAD_REQUESTED, METRIC_LOADED, TRIGGER_CHECKED, TRIGGER_EVENT_OK, TRIGGER_EVENT_PROBLEM, CheckItem,
@@ -23,11 +24,13 @@ from shared.events import (
 from testkit.fake_hasoffers.network import generate
 from testkit.fault_suite import model as fm
 from testkit.fault_suite.injectors import FaultRecord, Faults
-from testkit.fault_suite.world import Replica, World, say
+from testkit.fault_suite.world import SLOW_PAGE_SECONDS, SLOW_PAGES, Replica, World, say
 from testkit.waiting import wait_for
 
 DIRECT_METRICS = ("pacc", "gtr", "cap_fill")
 LOOKBACK_HOURS = 96  # longer than the fake's 3 days of traffic: a load sees all of it
+SLOW = "as generated, slowly"  # the long load: see SLOW_PAGES
+NODE_LOSS_ROUND = 1  # the cluster round's
 
 # Poison per round (from 0); with fewer rounds, what does not fit goes into the last one.
 POISON = {
@@ -38,11 +41,26 @@ POISON = {
     5: ["loaded: envelope without event_id", "checked: invalid JSON"],
     6: ["event: status does not match the type"],
 }
+# The hostile round: oversized reasons, hostile x-kpi-* headers, deep nesting, timestamps
+# that overflow, envelopes of another type (every one dead-lettered once, its valid items
+# handled, the queue behind it drained); and valid batches under hostile headers.
+HOSTILE_ROUND = 1
+HOSTILE = [
+    "loaded: a valid item and 999 empty items", "loaded: a 200 kB key beside a valid item",
+    "loaded: 1,000 levels of nesting beside a valid item", "loaded: 1,100 levels of nesting",
+    "loaded: timestamps that overflow beside a valid item",
+    "loaded: invalid JSON, retry count 'abc'", "loaded: invalid JSON, retry count -1000000 and a 100 kB history",
+    "request: a metric.loaded envelope", "loaded: a trigger.checked envelope", "checked: a metric.loaded envelope",
+    "event: a metric.load.requested envelope",
+]
+HOSTILE_HEADERS = [{"x-kpi-retry-count": "abc"}, {"x-kpi-retry-count": -1_000_000},
+                   {"x-kpi-retry-history": ["x" * 1000] * 100, "x-kpi-dead-reason": 12}]
 
 
 def poison_plan(rounds: int) -> dict[int, list[str]]:
-    plan = {r: list(kinds) for r, kinds in POISON.items() if r < rounds}
-    left_over = [kind for r, kinds in sorted(POISON.items()) if r >= rounds for kind in kinds]
+    kinds_of = {**POISON, HOSTILE_ROUND: POISON.get(HOSTILE_ROUND, []) + HOSTILE}
+    plan = {r: list(kinds) for r, kinds in kinds_of.items() if r < rounds}
+    left_over = [kind for r, kinds in sorted(kinds_of.items()) if r >= rounds for kind in kinds]
     if left_over:
         plan[rounds - 1] = plan.get(rounds - 1, []) + left_over
     return plan
@@ -57,10 +75,13 @@ class Load:
 
 
 class Scenario:
-    def __init__(self, args: argparse.Namespace, world: World):
-        self.args, self.world = args, world
+    def __init__(self, args: argparse.Namespace, world: World, cluster: Any = None):
+        """`cluster` (scripts/rabbit_cluster.RabbitCluster): the cluster round, whose one
+        fault is the loss of node 1 in the middle of publishing round NODE_LOSS_ROUND; no
+        loads but the reference, no poison."""
+        self.args, self.world, self.cluster = args, world, cluster
         self.rng = random.Random(args.seed)
-        self.poison_kinds = poison_plan(args.rounds)
+        self.poison_kinds = poison_plan(args.rounds) if cluster is None else {}
         self.poison: dict[str, dict[str, str]] = defaultdict(dict)  # service -> message id -> what
         self.batches: dict[int, list[Envelope]] = defaultdict(list)
         self.published = Counter()
@@ -68,6 +89,7 @@ class Scenario:
         self.barrier_timeouts: list[str] = []
         self.stats_versions: list[list] = []
         self.timings: dict[str, float] = {}
+        self.long_load: Load | None = None
 
     def setup(self) -> None:
         a = self.args
@@ -91,7 +113,7 @@ class Scenario:
         pairs = {"pacc": a.pacc_pairs, "gtr": a.gtr_pairs, "cap_fill": a.cap_pairs}
         self.plan = fm.plan_rounds(self.rng, self.network, a.rounds, pairs, a.volatile, 0.04, start)
         self.load_rounds = {max(1, a.rounds // 4): "as generated", max(2, a.rounds // 2): "conversions zeroed",
-                            max(3, (3 * a.rounds) // 4): "as generated"}
+                            max(3, (3 * a.rounds) // 4): SLOW} if self.cluster is None else {}
         self.faults = Faults(world, random.Random(a.seed + 1))
         kills = self._plan_kills()
         for r in range(a.rounds):
@@ -107,6 +129,7 @@ class Scenario:
             if load is not None and load.measured_at is not None:
                 self.model.apply_round([("cr", o, af, v) for (o, af), v in sorted(load.expected.items())],
                                        load.measured_at)
+            self._runs_recorded(r)
             say(f"round {r + 1}/{a.rounds} applied in {time.monotonic() - round_began:.1f}s "
                 f"({len(self.plan.rounds[r])} values{f', a cr load of {len(load.expected)}' if load else ''})")
         self.timings["rounds"] = time.monotonic() - begun
@@ -135,14 +158,19 @@ class Scenario:
         victims = (victims * math.ceil(self.args.kills / len(victims)))[:self.args.kills]
         n = self.args.rounds
         rounds = [r for r in range(n) if r not in (min(3, n - 1), min(5, n - 1))] or list(range(n))
+        # The long load must not be interrupted: it is to complete in one attempt.
+        slow = [r for r, kind in self.load_rounds.items() if kind == SLOW]
         plan: dict[int, list] = defaultdict(list)
         for victim in victims:
-            plan[self.rng.choice(rounds)].append(
+            allowed = [r for r in rounds if not (victim.service == "metric_loader" and r in slow)] or rounds
+            plan[self.rng.choice(allowed)].append(
                 (self.rng.uniform(0.2, 4.0), victim, self.rng.uniform(0.5, 3.0)))
         return plan
 
     def _faults_of_round(self, r: int, kills: list[tuple[float, Replica, float]]) -> None:
         f, n = self.faults, self.args.rounds
+        if self.cluster is not None:
+            return  # the node loss comes in the middle of publishing (_publish_round)
         for delay, victim, pause in kills:
             f.later(delay, f.kill, victim, pause)
         if r == 1 % n:
@@ -186,27 +214,38 @@ class Scenario:
             batch, items = items[:size], items[size:]
             envelope = self._envelope(batch, stamp)
             self.batches[r].append(envelope)
+            if r == HOSTILE_ROUND and self.poison_kinds and len(self.batches[r]) <= len(HOSTILE_HEADERS):
+                headers = HOSTILE_HEADERS[len(self.batches[r]) - 1]
+                messages.append(lambda e=envelope, h=headers: self._publish_with(e, h))
+                continue
             messages.append(lambda e=envelope: self._publish(e, "metric.loaded batches"))
             if self.rng.random() < 0.12:  # the same message twice
                 messages.append(lambda e=envelope: self._publish(e, "metric.loaded published twice"))
         self.rng.shuffle(messages)  # batches out of order, copies before originals, poison anywhere
-        for publish in messages:
+        for n, publish in enumerate(messages):
+            if self.cluster is not None and r == min(NODE_LOSS_ROUND, self.args.rounds - 1) and n == len(messages) // 2:
+                self.faults.lose_node(self.cluster, 1)
             publish()
 
     def _publish(self, event: Envelope, what: str) -> None:
         self.world.broker.publish(event)
         self.published[what] += 1
 
+    def _publish_with(self, event: Envelope, headers: dict) -> None:
+        """A valid batch under hostile x-kpi-* headers: handled like any other."""
+        self.world.broker.publish_raw(METRIC_LOADED, encode(event), str(event.event_id), headers=headers)
+        self.published["metric.loaded batches under hostile headers"] += 1
+
     def _poison(self, kind: str, items: list, stamp: datetime) -> Callable[[], None]:
         """A message that must end in exactly one dead letter; valid items it carries are
         taken from the round (and so must be processed)."""
         message_id = str(uuid.uuid4())
 
-        def raw(service: str, routing_key: str, body: bytes) -> Callable[[], None]:
+        def raw(service: str, routing_key: str, body: bytes, headers: dict | None = None) -> Callable[[], None]:
             self.poison[service][message_id] = kind
 
             def publish() -> None:
-                self.world.broker.publish_raw(routing_key, body, message_id)
+                self.world.broker.publish_raw(routing_key, body, message_id, headers=headers)
                 self.published["poison"] += 1
             return publish
 
@@ -215,6 +254,14 @@ class Scenario:
             body = json.loads(encode(self._envelope(good, stamp, uuid.UUID(message_id))))
             body["data"]["metrics"][1:1] = bad
             return json.dumps(body).encode()  # NaN stays NaN
+
+        def nested(depth: int) -> str:  # deeper than Python's json writes: spliced in as text
+            return "[" * depth + "1" + "]" * depth
+
+        def of_type(type_: str, data: dict) -> bytes:
+            return json.dumps({"event_id": message_id, "type": type_, "schema_version": 1,
+                               "occurred_at": stamp.isoformat(), "correlation_id": "fault-suite",
+                               "causation_id": None, "data": data}).encode()
 
         at = stamp.isoformat()
         if kind == "loaded: invalid JSON":
@@ -257,6 +304,43 @@ class Scenario:
             return raw("metric_loader", METRIC_LOAD_REQUESTED, encode(event))
         if kind == "request: invalid JSON":
             return raw("metric_loader", METRIC_LOAD_REQUESTED, b"[1, 2")
+        return self._hostile(kind, raw, batch_with, nested, of_type, at)
+
+    def _hostile(self, kind: str, raw: Callable, batch_with: Callable, nested: Callable, of_type: Callable,
+                 at: str) -> Callable[[], None]:
+        """The hostile round's poison (see HOSTILE)."""
+        if kind == "loaded: a valid item and 999 empty items":
+            return raw("trigger_checker", METRIC_LOADED, batch_with([{}] * 999, 1))
+        if kind == "loaded: a 200 kB key beside a valid item":
+            return raw("trigger_checker", METRIC_LOADED, batch_with([
+                {"metric_key": "pacc", "offer_id": 1, "affiliate_id": 1, "value": 1.0, "measured_at": at,
+                 "k" * 200_000: 1}], 1))
+        if kind == "loaded: 1,000 levels of nesting beside a valid item":
+            body = batch_with([{"metric_key": "pacc", "offer_id": 1, "affiliate_id": 1, "value": "NEST",
+                                "measured_at": at}], 1)
+            return raw("trigger_checker", METRIC_LOADED, body.replace(b'"NEST"', nested(1000).encode()))
+        if kind == "loaded: 1,100 levels of nesting":
+            body = batch_with([{"metric_key": "pacc", "offer_id": 1, "affiliate_id": 1, "value": 1.0,
+                                "measured_at": at, "extra": "NEST"}], 0)
+            return raw("trigger_checker", METRIC_LOADED, body.replace(b'"NEST"', nested(1100).encode()))
+        if kind == "loaded: timestamps that overflow beside a valid item":
+            return raw("trigger_checker", METRIC_LOADED, batch_with([
+                {"metric_key": "pacc", "offer_id": 1, "affiliate_id": 1, "value": 1.0, "measured_at": when}
+                for when in ("0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00", "9999-06-01T00:00:00Z",
+                             "1999-12-31T23:59:59Z")], 1))
+        if kind == "loaded: invalid JSON, retry count 'abc'":
+            return raw("trigger_checker", METRIC_LOADED, b'{"data": ', HOSTILE_HEADERS[0])
+        if kind == "loaded: invalid JSON, retry count -1000000 and a 100 kB history":
+            return raw("trigger_checker", METRIC_LOADED, b'{"data": ', {**HOSTILE_HEADERS[1], **HOSTILE_HEADERS[2]})
+        if kind == "request: a metric.loaded envelope":
+            return raw("metric_loader", METRIC_LOAD_REQUESTED, of_type(METRIC_LOADED, {"metrics": []}))
+        if kind == "loaded: a trigger.checked envelope":
+            return raw("trigger_checker", METRIC_LOADED, of_type(TRIGGER_CHECKED, {"checks": []}))
+        if kind == "checked: a metric.loaded envelope":
+            return raw("event_detector", TRIGGER_CHECKED, of_type(METRIC_LOADED, {"metrics": []}))
+        if kind == "event: a metric.load.requested envelope":
+            return raw("action_runner", TRIGGER_EVENT_PROBLEM,
+                       of_type(METRIC_LOAD_REQUESTED, {"metric_key": "cr", "lookback_hours": 24}))
         raise ValueError(kind)
 
     def _stale_and_duplicates(self, r: int) -> None:
@@ -313,6 +397,10 @@ class Scenario:
                             correlation_id="fault-suite")
         load = Load(request, expected)
         self.loads.append(load)
+        if self.load_rounds[r] == SLOW:
+            # Pages answered slowly: the load outlasts several heartbeats of its connection.
+            fake.inject("slow", SLOW_PAGES, method="Report.getStats", seconds=SLOW_PAGE_SECONDS)
+            self.long_load = load
         if self.load_rounds[r] == "conversions zeroed":
             self.faults.later(0.0, self.faults.kill_loader_after_publish, request)
         self._publish(request, "load requests")
@@ -366,17 +454,51 @@ class Scenario:
                 return
             time.sleep(0.25)
 
+    def _runs_recorded(self, r: int) -> None:
+        """Every run the model expects so far is recorded (pending, waiting in its digest, or
+        final): the reminders of the round's checks too, which the action_runner's ticker
+        records; a reminder is due only while its episode lasts, so before the next round."""
+        deadline = time.monotonic() + self.args.barrier_timeout
+        last, since = None, time.monotonic()
+        while True:
+            self.world.restart_dead_replicas()
+            recorded = self.world.db.scalar("SELECT count(*) FROM operation_runs")
+            if recorded >= len(self.model.runs):
+                return
+            if recorded != last:
+                last, since = recorded, time.monotonic()
+            if time.monotonic() > deadline or time.monotonic() - since > 40:  # stuck: the model expects more
+                self.barrier_timeouts.append(f"round {r + 1}: {recorded}/{len(self.model.runs)} runs recorded")
+                return
+            time.sleep(0.25)
+
     def _drain(self) -> None:
-        """Idle: no run pending, no load open, work and retry queues empty, and nothing
-        written for 3 seconds."""
+        """Idle: no run pending, no load open, work and retry queues empty, every final run
+        and every trigger event announced, and nothing written or announced for 3 seconds
+        (a replica may hold prefetched messages that the queue depths do not show)."""
+        world = self.world
+        poison_ids = {i for ids in self.poison.values() for i in ids}
+        notices, announced = set(), set()
         deadline = time.monotonic() + self.args.drain_timeout
         last, since = None, time.monotonic()
         while time.monotonic() < deadline:
-            self.world.restart_dead_replicas()
-            now = self.world.activity()
+            world.restart_dead_replicas()
+            # Digests still open close now rather than up to a minute later (their windows
+            # are wall-clock minutes; those of the earlier rounds closed by themselves).
+            world.db.rows("UPDATE digests SET closes_at = now() WHERE status = 'open' AND closes_at > now()"
+                          " RETURNING id", write=True)
+            for properties, body in world.take_observed():
+                if properties.message_id not in poison_ids:
+                    data = json.loads(body)["data"]
+                    (notices.add(data["operation_run_id"]) if "operation_run_id" in data
+                     else announced.add(data["trigger_event_id"]))
+            now = (*world.activity(), len(world.observed))
             if now != last:
                 last, since = now, time.monotonic()
-            elif now[4] == 0 and now[5] == 0 and self.world.queues_empty() and time.monotonic() - since >= 3:
-                return
+            elif now[4] == 0 and now[5] == 0 and world.queues_empty() and time.monotonic() - since >= 3:
+                final = {r.id for r in world.db.rows("SELECT id FROM operation_runs WHERE status <> 'pending'")}
+                events = {r.id for r in world.db.rows("SELECT id FROM trigger_events")}
+                if final <= notices and events <= announced:
+                    return
             time.sleep(0.5)
         self.barrier_timeouts.append("the pipeline did not drain in time")

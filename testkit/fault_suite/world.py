@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import pika.exceptions
 from sqlalchemy import Engine, text
@@ -33,6 +34,13 @@ from testkit.waiting import wait_for
 
 SERVICES = list(SERVICE_BINDINGS)
 TOKEN = "NETfault" + uuid.uuid4().hex[:16]
+# The metric_loader's heartbeat: short, so that the long load outlasts several of them.
+HEARTBEAT_SECONDS = 2
+# Small pages, so that a cr load reads several of them; the long load has SLOW_PAGES of
+# them answered slowly, so that it lasts at least LONG_LOAD_HEARTBEATS heartbeats.
+REPORT_PAGE_SIZE = 100
+LONG_LOAD_HEARTBEATS = 5
+SLOW_PAGES, SLOW_PAGE_SECONDS = 6, 2.0
 STARTED = time.monotonic()
 
 
@@ -87,6 +95,8 @@ class TimedCalls(list):
         super().__init__()
         self.peer = threading.local()
         self.on_next_call: Callable[[int], None] | None = None
+        # Every Report.getStats request: (when, its parameters without the token).
+        self.report_pages: list[tuple[float, tuple]] = []
         # Runs before the next write call is answered (the caller waits meanwhile).
         self.hold_next_write: Callable[[], None] | None = None
         self.hold_lock = threading.Lock()
@@ -101,6 +111,20 @@ class TimedCalls(list):
         hook, self.on_next_call = self.on_next_call, None
         if hook is not None:
             hook(self.peer.port)
+
+
+def carried_runs(mail: Any) -> list[int]:
+    """The operation runs a mail carries: its own run, or every run of a digest."""
+    one = mail.header("X-KPI-Operation-Run")
+    if one is not None:
+        return [int(one)] if one.isdigit() else []
+    return [int(run) for run in (mail.header("X-KPI-Digest-Runs") or "").split(",") if run.strip().isdigit()]
+
+
+def carrier(mail: Any) -> str:
+    """What a mail is a copy of: its run (the id), or its digest (by Message-ID)."""
+    one = mail.header("X-KPI-Operation-Run")
+    return one if one is not None else f"digest {mail.header('Message-ID')}"
 
 
 def kind_of_call(call: dict[str, Any]) -> str:
@@ -143,8 +167,10 @@ class Broker:
     def publish(self, event: Envelope) -> None:
         self.call(lambda bus: bus.publish(event))
 
-    def publish_raw(self, routing_key: str, body: bytes, message_id: str, type: str | None = None) -> None:
-        self.call(lambda bus: bus.publish_raw(routing_key, body, message_id=message_id, type=type or routing_key))
+    def publish_raw(self, routing_key: str, body: bytes, message_id: str, type: str | None = None,
+                    headers: dict[str, Any] | None = None) -> None:
+        self.call(lambda bus: bus.publish_raw(routing_key, body, message_id=message_id, type=type or routing_key,
+                                              headers=headers))
 
     def depth(self, queue: str) -> int:
         return self.call(lambda bus: bus.queue_depth(queue))
@@ -161,11 +187,11 @@ class Database:
     def __init__(self, engine: Engine):
         self.engine = engine
 
-    def rows(self, sql: str, timeout: float = 240, **params: Any) -> list[Any]:
+    def rows(self, sql: str, timeout: float = 240, write: bool = False, **params: Any) -> list[Any]:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                with self.engine.connect() as conn:
+                with (self.engine.begin() if write else self.engine.connect()) as conn:
                     return list(conn.execute(text(sql), params))
             except DBAPIError as exc:  # PostgreSQL restarting: try again; a bad query: fail
                 if not (isinstance(exc, (OperationalError, InterfaceError)) or exc.connection_invalidated):
@@ -184,7 +210,9 @@ class Database:
 class World:
     """Everything the suite starts, in a database and an exchange of its own."""
 
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, args: argparse.Namespace, node_urls: list[str] | None = None):
+        """`node_urls`: a RabbitMQ cluster's AMQP_URL per node (every node's URL, that node's
+        first); the replicas are spread over them and the suite connects through the first."""
         self.args = args
         run_id = uuid.uuid4().hex[:8]
         self.db_name = f"kpi_fault_{run_id}"
@@ -192,13 +220,15 @@ class World:
         self.observer = f"{self.exchange}.observer"
         self.log_dir = Path(tempfile.mkdtemp(prefix="kpi-fault-"))
         self.pg_admin = admin_url("FAULT_PG_ADMIN_URL")
-        self.amqp_url = broker_tools.amqp_url()
+        self.node_urls = node_urls or [broker_tools.amqp_url()]
+        self.amqp_url = self.node_urls[0]
         self.replicas: list[Replica] = []
         self.unexpected_exits: list[str] = []
         self.sink: FakeSmtpServer | None = None
         self.fake: FakeHasOffers | None = None
         self.broker: Broker | None = None
         self.engine: Engine | None = None
+        self.observed: list[tuple[Any, bytes]] = []  # taken off the observer queue so far
 
     def setup(self, network: Network, seed_sql: str) -> None:
         a = self.args
@@ -226,15 +256,22 @@ class World:
                "SMTP_TIMEOUT_SECONDS": "5", "MAIL_FROM": "kpi@fault.example", "KPI_MIN_CLICKS": "0",
                "KPI_MIN_CONVERSIONS": "0", "KPI_SCHEDULE_METRICS_SECONDS": "0", "KPI_SCHEDULE_REFERENCE_SECONDS": "0",
                # The model runs every reject: the hourly cap (tested on its own) would hold most.
-               "KPI_MAX_REJECTS_PER_HOUR": "1000000"}
+               "KPI_MAX_REJECTS_PER_HOUR": "1000000",
+               # Reminders are recorded by the action_runner's ticker: soon after their check.
+               "KPI_ACTIONS_TICK_SECONDS": "1"}
+        per_service = {"metric_loader": {"KPI_HEARTBEAT_SECONDS": str(HEARTBEAT_SECONDS),
+                                         "KPI_REPORT_PAGE_SIZE": str(REPORT_PAGE_SIZE)}}
         for service in SERVICES:
             for index in (1, 2):
-                replica = Replica(service, index, env, self.log_dir)
+                node = self.node_urls[len(self.replicas) % len(self.node_urls)]
+                replica = Replica(service, index, {**env, **per_service.get(service, {}), "AMQP_URL": node},
+                                  self.log_dir)
                 replica.start(wait_ready=False)
                 self.replicas.append(replica)
         wait_for(lambda: all(r.ready() for r in self.replicas), 60, 0.25, "eight replicas to start")
         say(f"fake HasOffers :{self.fake_port} ({a.offers} offers, {a.affiliates} affiliates), "
-            f"SMTP sink :{self.sink.port}, 4 services x 2 replicas running")
+            f"SMTP sink :{self.sink.port}, 4 services x 2 replicas running"
+            + (f" over {len(self.node_urls)} RabbitMQ nodes" if len(self.node_urls) > 1 else ""))
 
     def start_fake(self) -> None:
         """Start the fake HasOffers (again, after an outage) on its port, remembering who
@@ -244,6 +281,10 @@ class World:
 
             def remember_caller(request: Any, body: bytes) -> None:
                 calls.peer.port = request.client_address[1]
+                if b"getStats" in body or "getStats" in request.path:
+                    params = parse_qsl(urlsplit(request.path).query) + parse_qsl(body.decode("utf-8", "replace"))
+                    calls.report_pages.append((time.time(), tuple(sorted(p for p in params
+                                                                         if p[0] != "NetworkToken"))))
                 if b"Method=setAffiliateApproval" in body or b"Method=blockAffiliate" in body:
                     hold = calls.take_hold()
                     if hold is not None:
@@ -255,10 +296,17 @@ class World:
         self.fake._server.handle_error = lambda request, client_address: None
 
     def _declare_observer(self, bus: Bus) -> None:
-        """A queue of our own that keeps a copy of every trigger event and operation notice."""
-        bus.channel.queue_declare(self.observer, durable=True)
+        """A queue of our own that keeps a copy of every trigger event and operation notice
+        (a quorum queue: on a cluster it outlives the loss of a node)."""
+        bus.channel.queue_declare(self.observer, durable=True, arguments={"x-queue-type": "quorum"})
         for key in ("trigger.event.*", OPERATION_EXECUTED):
             bus.channel.queue_bind(self.observer, self.exchange, routing_key=key)
+
+    def take_observed(self) -> list[tuple[Any, bytes]]:
+        """What reached the observer queue since the last call (kept in `observed` too)."""
+        new = self.broker.take_all(self.observer)
+        self.observed += new
+        return new
 
     def restart_dead_replicas(self) -> None:
         """A replica that exited without being killed by a fault is started again, and noted."""
