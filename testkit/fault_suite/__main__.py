@@ -26,8 +26,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--kills", type=int, default=10)
     p.add_argument("--retry-delay-ms", type=int, default=750)
     p.add_argument("--retry-limit", type=int, default=40)
-    p.add_argument("--barrier-timeout", type=float, default=150)
-    p.add_argument("--drain-timeout", type=float, default=150)
+    p.add_argument("--barrier-timeout", type=float, default=150, help="a round's barrier gives up after this long "
+                   "without progress")
+    p.add_argument("--drain-timeout", type=float, default=150, help="the drain gives up after this long without "
+                   "activity")
     p.add_argument("--skip-broker-restart", action="store_true", help="do not restart RabbitMQ")
     p.add_argument("--skip-db-restart", action="store_true", help="do not restart PostgreSQL")
     p.add_argument("--keep", action="store_true", help="keep the database and the queues for inspection")

@@ -420,6 +420,7 @@ class Scenario:
         direct = [t.id for t in fm.TRIGGERS if t.active and t.metric in DIRECT_METRICS]
         cr = [t.id for t in fm.TRIGGERS if t.active and t.metric == "cr"]
         deadline = time.monotonic() + self.args.barrier_timeout
+        progress = None
         while True:
             self.world.restart_dead_replicas()
             applied = db.scalar("SELECT count(*) FROM trigger_states WHERE trigger_id = ANY(:t)"
@@ -447,6 +448,8 @@ class Scenario:
                 t=list(fm.MULTI_CONDITION_TRIGGERS))
             if applied == expected and load_done and undecided == 0:
                 return
+            if (applied, load_done, undecided) != progress:  # on a busy machine: as long as it moves
+                progress, deadline = (applied, load_done, undecided), time.monotonic() + self.args.barrier_timeout
             if time.monotonic() > deadline:
                 self.barrier_timeouts.append(
                     f"round {r + 1}: {applied}/{expected} checks applied, load done {load_done}, "
@@ -459,15 +462,15 @@ class Scenario:
         final): the reminders of the round's checks too, which the action_runner's ticker
         records; a reminder is due only while its episode lasts, so before the next round."""
         deadline = time.monotonic() + self.args.barrier_timeout
-        last, since = None, time.monotonic()
+        last = None
         while True:
             self.world.restart_dead_replicas()
             recorded = self.world.db.scalar("SELECT count(*) FROM operation_runs")
             if recorded >= len(self.model.runs):
                 return
-            if recorded != last:
-                last, since = recorded, time.monotonic()
-            if time.monotonic() > deadline or time.monotonic() - since > 40:  # stuck: the model expects more
+            if recorded != last:  # on a busy machine: as long as it moves
+                last, deadline = recorded, time.monotonic() + min(self.args.barrier_timeout, 60)
+            if time.monotonic() > deadline:
                 self.barrier_timeouts.append(f"round {r + 1}: {recorded}/{len(self.model.runs)} runs recorded")
                 return
             time.sleep(0.25)
@@ -493,8 +496,9 @@ class Scenario:
                     (notices.add(data["operation_run_id"]) if "operation_run_id" in data
                      else announced.add(data["trigger_event_id"]))
             now = (*world.activity(), len(world.observed))
-            if now != last:
+            if now != last:  # on a busy machine: as long as it moves
                 last, since = now, time.monotonic()
+                deadline = since + self.args.drain_timeout
             elif now[4] == 0 and now[5] == 0 and world.queues_empty() and time.monotonic() - since >= 3:
                 final = {r.id for r in world.db.rows("SELECT id FROM operation_runs WHERE status <> 'pending'")}
                 events = {r.id for r in world.db.rows("SELECT id FROM trigger_events")}
