@@ -50,6 +50,7 @@ def top_functions(paths: list[Path], limit: int = 15) -> str:
     out.write(f"total CPU in profiled threads: {total:.2f} s\n")
     stats.sort_stats("tottime").print_stats(limit)
     stats.sort_stats("cumulative").print_stats(limit)
-    # pstats' banner lines (file names, "Ordered by") are noise here.
+    # pstats' banner lines (each file's name and date, "Ordered by") are noise here.
     return "\n".join(line for line in out.getvalue().splitlines()
-                     if line.strip() and not line.lstrip().startswith(("/", "Ordered by", "List reduced")))
+                     if line.strip() and ".prof" not in line and "function calls" not in line
+                     and not line.lstrip().startswith(("Ordered by", "List reduced")))

@@ -45,8 +45,10 @@ class Context:
 
 
 def run_service(service: str, consumes: str, make_handler: Callable[[Context], Handler],
-                background: Callable[[Context, Consumer], Callable[[], None] | None] | None = None) -> int:
-    """Run `service`, which consumes the routing key `consumes`, until SIGTERM.
+                background: Callable[[Context, Consumer], Callable[[], None] | None] | None = None,
+                workers: int = 1) -> int:
+    """Run `service`, which consumes the routing key `consumes`, until SIGTERM, with
+    `workers` handler threads unless KPI_WORKERS says otherwise.
 
     `background` starts work beside the consumer (a schedule, a ticker) and may return a
     function that stops it: called once the consumer has stopped, before the process exits,
@@ -68,6 +70,9 @@ def run_service(service: str, consumes: str, make_handler: Callable[[Context], H
         print(f"{service}: cannot start: {exc}", file=sys.stderr)
         return EXIT_DATABASE_UNAVAILABLE
 
+    workers = settings.kpi_workers or workers
+    # With several workers, enough deliveries in hand for each to have the next one waiting.
+    prefetch = settings.kpi_prefetch if workers == 1 else max(settings.kpi_prefetch, 2 * workers)
     context = Context(service=service, settings=settings, engine=engine)
     metrics = ServiceMetrics(service)
     consumer = Consumer(
@@ -75,7 +80,7 @@ def run_service(service: str, consumes: str, make_handler: Callable[[Context], H
         exchange=settings.kpi_exchange,
         service=service,
         handler=make_handler(context),
-        prefetch=settings.kpi_prefetch,
+        prefetch=prefetch,
         retry_limit=settings.kpi_retry_limit,
         retry_delay_ms=settings.kpi_retry_delay_ms,
         startup_attempts=settings.kpi_startup_attempts,
@@ -83,6 +88,7 @@ def run_service(service: str, consumes: str, make_handler: Callable[[Context], H
         queues=queue_options(settings),
         on_outcome=metrics.record,
         profile_dir=settings.kpi_profile,
+        workers=workers,
     )
 
     def on_signal(signum: int, _frame: object) -> None:

@@ -120,6 +120,10 @@ class Settings(BaseSettings):
 
     # Consumer behaviour
     kpi_prefetch: int = Field(4, ge=1, le=1000)
+    # Messages one process handles at once, each on a thread of its own; unset: the
+    # service's default (the action_runner 4, whose runs mostly wait on SMTP, HasOffers and
+    # commits; the others 1). Safe wherever replicas are: they share nothing else.
+    kpi_workers: int | None = Field(None, ge=1, le=64)
     kpi_retry_limit: int = Field(5, ge=0)
     # The retry queue holds a message this long before it goes back to the work queue.
     kpi_retry_delay_ms: int = Field(5000, ge=0)

@@ -1,5 +1,7 @@
 """Email rendering as pure functions: macros, HTML escaping, header safety, the mail itself."""
 
+import email
+import email.policy
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -88,11 +90,12 @@ def test_the_message_carries_both_parts_and_a_clean_subject():
     html = render_html(None, "email_affiliate", VALUES)
     mail = Mail(recipients=("a@x.example", "b@x.example"), subject=render_subject("Hi\r\nBcc: evil@x", VALUES),
                 html=html, text=html_to_text(html), message_id="<kpi-1@kpi.example>", run_id=1)
-    message = build_message(mail, "kpi@kpi.example")
-    raw = message.as_bytes()
+    raw = build_message(mail, "kpi@kpi.example")
     assert b"\nBcc:" not in raw
+    assert raw.count(b"\n") == raw.count(b"\r\n")  # SMTP's line ends: smtplib sends bytes as they are
+    message = email.message_from_bytes(raw, policy=email.policy.default)
     assert message["To"] == "a@x.example, b@x.example"
-    assert message.get_body(("html",)).get_content() == html + "\n"
+    assert message.get_body(("html",)).get_content() == html
     assert message.get_body(("plain",)).get_content().startswith("Hello,")
 
 
@@ -103,3 +106,22 @@ def test_recipient_addresses_are_cleaned():
     ])
     assert usable == ["a@x.example", "e@x.example"]
     assert unusable == ["b@x.example\r\nBcc: evil@x", "c@x.example, d@x.example", "not-an-address"]
+
+
+def test_a_line_break_that_reaches_a_header_is_refused():
+    mail = Mail(recipients=("a@x.example",), subject="Hi\r\nBcc: evil@x", html="<p>x</p>", text="x",
+                message_id="<kpi-1@kpi.example>", run_id=1)
+    with pytest.raises(ValueError, match="Subject"):
+        build_message(mail, "kpi@kpi.example")
+
+
+def test_a_non_ascii_subject_and_sender_name_are_encoded_and_read_back():
+    mail = Mail(recipients=("a@x.example",), subject="Offre Été: taux bas", html="<p>é</p>", text="é",
+                message_id="<kpi-1@kpi.example>", run_id=7)
+    message = email.message_from_bytes(build_message(mail, "Équipe KPI <kpi@kpi.example>"),
+                                       policy=email.policy.default)
+    assert message["Subject"] == "Offre Été: taux bas"
+    assert message["From"].addresses[0].display_name == "Équipe KPI"
+    assert message["From"].addresses[0].addr_spec == "kpi@kpi.example"
+    assert message["X-KPI-Operation-Run"] == "7"
+    assert message.get_body(("plain",)).get_content().strip() == "é"

@@ -13,10 +13,13 @@ import smtplib
 import ssl
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from email.message import EmailMessage
-from email.utils import formatdate
+from email.header import Header
+from email.policy import compat32
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
+from email.utils import formataddr, formatdate, parseaddr
 from typing import Protocol
 
 from shared.handling import RetryableError
@@ -26,6 +29,9 @@ logger = logging.getLogger(__name__)
 
 # Deliberately strict: an address with spaces, brackets, commas or line breaks could smuggle
 # a second recipient or a header; such addresses are left out rather than "fixed".
+_HEADER_BREAK = re.compile(r"[\r\n]")
+# As it goes on the wire: smtplib sends bytes as they are, and SMTP lines end in CRLF.
+_SMTP_LINES = compat32.clone(linesep="\r\n")
 _ADDRESS = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
 
 
@@ -79,20 +85,29 @@ def clean_recipients(addresses: Sequence[str | None]) -> tuple[list[str], list[s
     return usable, unusable
 
 
-def build_message(mail: Mail, sender: str) -> EmailMessage:
-    message = EmailMessage()  # the default policy refuses CR/LF in any header value
-    message["From"] = sender
-    message["To"] = ", ".join(mail.recipients)
-    message["Subject"] = mail.subject
-    message["Date"] = formatdate(usegmt=True)
-    message["Message-ID"] = mail.message_id
+def build_message(mail: Mail, sender: str) -> bytes:
+    """The mail as sent: multipart/alternative (text, then HTML), UTF-8.
+
+    Built with the email package's compat32 classes: EmailMessage's header registry and
+    content manager cost three times the CPU (about 2 ms a mail) for an equivalent
+    message. compat32 does not refuse a line break in a header value, so every value is
+    checked here (subject and addresses are cleaned before; this is the backstop)."""
+    name, address = parseaddr(sender)
+    headers = [("From", formataddr((name, address), charset="utf-8") if name else sender),
+               ("To", ", ".join(mail.recipients)), ("Subject", mail.subject), ("Date", formatdate(usegmt=True)),
+               ("Message-ID", mail.message_id)]
     if mail.run_id is not None:
-        message["X-KPI-Operation-Run"] = str(mail.run_id)
+        headers.append(("X-KPI-Operation-Run", str(mail.run_id)))
     if mail.digest_runs:
-        message["X-KPI-Digest-Runs"] = ",".join(map(str, mail.digest_runs))
-    message.set_content(mail.text)
-    message.add_alternative(mail.html, subtype="html")
-    return message
+        headers.append(("X-KPI-Digest-Runs", ",".join(map(str, mail.digest_runs))))
+    message = MIMEMultipart("alternative")
+    for header, value in headers:
+        if _HEADER_BREAK.search(value):
+            raise ValueError(f"a line break in the {header} header")
+        message[header] = value if value.isascii() else Header(value, "utf-8").encode()
+    message.attach(MIMEText(mail.text, "plain", "utf-8"))
+    message.attach(MIMEText(mail.html, "html", "utf-8"))
+    return message.as_bytes(policy=_SMTP_LINES)
 
 
 class SmtpMailer:
@@ -168,8 +183,7 @@ class SmtpMailer:
         try:
             with self._lock:
                 try:
-                    refused = self._session().send_message(message, from_addr=self.sender,
-                                                           to_addrs=list(mail.recipients))
+                    refused = self._session().sendmail(self.sender, list(mail.recipients), message)
                     self._used_at = time.monotonic()
                 except BaseException:
                     # What the server made of an interrupted conversation is unknown: start afresh.
@@ -196,6 +210,34 @@ class SmtpMailer:
         if refused:
             return "refused by the server: " + ", ".join(sorted(refused))
         return ""
+
+
+class PerThreadMailer:
+    """A mailer of its own (`make()`, one SMTP connection) for each thread that sends, so
+    the action_runner's workers send side by side."""
+
+    def __init__(self, make: Callable[[], SmtpMailer]):
+        self._make = make
+        self._local = threading.local()
+        self._made: list[SmtpMailer] = []
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"{self._make()!r} per thread"
+
+    def send(self, mail: Mail) -> str:
+        mailer = getattr(self._local, "mailer", None)
+        if mailer is None:
+            mailer = self._local.mailer = self._make()
+            with self._lock:
+                self._made.append(mailer)
+        return mailer.send(mail)
+
+    def close(self) -> None:
+        with self._lock:
+            made, self._made = self._made, []
+        for mailer in made:
+            mailer.close()
 
 
 def _decode(value: bytes | str) -> str:

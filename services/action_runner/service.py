@@ -6,7 +6,7 @@ import functools
 import logging
 
 from services.action_runner.handler import handle_trigger_event
-from services.action_runner.mailer import SmtpMailer
+from services.action_runner.mailer import PerThreadMailer, SmtpMailer
 from services.action_runner.ticker import Ticker
 from shared.handling import Handler
 from shared.rabbitmq import Consumer
@@ -17,14 +17,20 @@ logger = logging.getLogger(__name__)
 
 SERVICE = "action_runner"
 CONSUMES = "trigger.event.*"
+# Events handled at once (KPI_WORKERS overrides): a run spends most of its time waiting on
+# the SMTP server, HasOffers or a commit, and replicas already run side by side safely
+# (claims are advisory locks, decisions serialised per event).
+WORKERS = 4
 
 
 def main() -> int:
     clients: list[HasOffersClient] = []
+    mailers: list[PerThreadMailer] = []
 
     def make_handler(context: Context) -> Handler:
         settings = context.settings
-        mailer = SmtpMailer.from_settings(settings)
+        mailer = PerThreadMailer(lambda: SmtpMailer.from_settings(settings))
+        mailers.append(mailer)
         hasoffers: HasOffersClient | None = None
         if settings.hasoffers_network_id and settings.hasoffers_network_token:
             hasoffers = HasOffersClient.from_settings(settings, engine=context.engine)  # the limit shared
@@ -44,7 +50,9 @@ def main() -> int:
         Ticker(context.engine, SmtpMailer.from_settings(settings), context.publisher, settings).start()
 
     try:
-        return run_service(SERVICE, CONSUMES, make_handler, background=start_ticker)
+        return run_service(SERVICE, CONSUMES, make_handler, background=start_ticker, workers=WORKERS)
     finally:
+        for mailer in mailers:
+            mailer.close()
         for client in clients:
             client.close()

@@ -93,6 +93,7 @@ class Consumer:
         queues: QueueOptions = QueueOptions(),
         on_outcome: Callable[[str, str, float], None] | None = None,
         profile_dir: str | None = None,
+        workers: int = 1,
     ):
         self.names = queue_names(exchange, service)
         self.service = service
@@ -104,18 +105,21 @@ class Consumer:
         self.bus = Bus(amqp_url, exchange, heartbeat=heartbeat, name=f"hasoffers-kpi {service}", queues=queues)
         self.on_outcome = on_outcome
         self.profile_dir = profile_dir  # KPI_PROFILE: each thread's CPU profile written there (shared.profiling)
+        # Messages handled at once, each on a worker thread of its own (KPI_WORKERS): for
+        # handlers that mostly wait (SMTP, HTTP, commits), whose replicas may run side by side.
+        self.workers = workers
         self.stats = Stats()
         self.ready = threading.Event()
         self._stopping = threading.Event()
         self._ever_connected = False
         self._incoming: queue.Queue[_Incoming] = queue.Queue()
-        self._busy = threading.Event()  # the worker holds a message
+        self._in_hand = 0  # messages the workers hold (under _state)
         self._state = threading.Lock()
         self._generation = 0  # bumped by every new connection
         self._live = False  # the connection of _generation is up and consuming
         self._calls: set[Future[Any]] = set()  # broker calls handed to the connection thread
-        self._worker: threading.Thread | None = None
-        self._worker_done = threading.Event()
+        self._workers_running = 0  # under _state
+        self._worker_done = threading.Event()  # every worker has ended
 
     def stop(self) -> None:
         """Ask the loop to end after the message in hand; safe from a signal handler."""
@@ -128,8 +132,10 @@ class Consumer:
             self._run()
 
     def _run(self) -> None:
-        self._worker = threading.Thread(target=self._work, name=f"{self.service}-worker", daemon=True)
-        self._worker.start()
+        self._workers_running = self.workers
+        for number in range(1, self.workers + 1):
+            name = "worker" if number == 1 else f"worker-{number}"
+            threading.Thread(target=self._work, args=(name,), name=f"{self.service}-{name}", daemon=True).start()
         failures = 0
         try:
             while not self._finished():
@@ -154,8 +160,12 @@ class Consumer:
             self._worker_done.wait(30)
 
     def _finished(self) -> bool:
-        # The worker may still need the connection to publish and ack the message in hand.
-        return self._stopping.is_set() and not self._busy.is_set()
+        # A worker may still need the connection to publish and ack the message in hand.
+        return self._stopping.is_set() and not self._busy()
+
+    def _busy(self) -> bool:
+        with self._state:
+            return self._in_hand > 0
 
     def _consume(self) -> None:
         self.bus.connect()
@@ -213,7 +223,7 @@ class Consumer:
             if generation is not None and (current != generation or not live):
                 raise _ConnectionLost()
             if not live or connection is None:
-                if self._stopping.is_set() and not self._busy.is_set():
+                if self._stopping.is_set() and not self._busy():
                     raise _ConnectionLost()
                 time.sleep(0.05)
                 continue
@@ -255,12 +265,15 @@ class Consumer:
 
     # -- the worker thread ---------------------------------------------------------------
 
-    def _work(self) -> None:
+    def _work(self, name: str) -> None:
         try:
-            with profiled(self.profile_dir, self.service, "worker"):
+            with profiled(self.profile_dir, self.service, name):
                 self._work_until_stopped()
         finally:
-            self._worker_done.set()
+            with self._state:
+                self._workers_running -= 1
+                if self._workers_running == 0:
+                    self._worker_done.set()
 
     def _work_until_stopped(self) -> None:
         while not self._stopping.is_set():
@@ -272,16 +285,18 @@ class Consumer:
                 break  # not started: the broker hands it back when the channel closes
             with self._state:
                 stale = incoming.generation != self._generation
+                if not stale:
+                    self._in_hand += 1
             if stale:
                 # Came on a connection that is gone: the broker delivers it again.
                 continue
-            self._busy.set()
             try:
                 self._handle(incoming)
             except Exception:  # a bug in this module: never let the worker die
                 logger.exception("event_id=%s could not be handled", incoming.properties.message_id or "-")
             finally:
-                self._busy.clear()
+                with self._state:
+                    self._in_hand -= 1
 
     def _handle(self, incoming: _Incoming) -> None:
         started = time.monotonic()
