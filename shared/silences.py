@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import Connection, func, or_, select, update
+from sqlalchemy import Connection, bindparam, func, or_, select, update
 
 from shared.db import Silence, Trigger
 
@@ -57,17 +57,20 @@ def matching(silences: Iterable[SilenceRule], trigger_id: int, offer_id: int, af
 
 def active_for(conn: Connection, trigger_id: int, offer_id: int, affiliate_id: int, at: datetime
                ) -> SilenceRule | None:
-    rows = conn.execute(select(*RULE_COLUMNS).where(
-        or_(Silence.trigger_id.is_(None), Silence.trigger_id == trigger_id),
-        or_(Silence.offer_id.is_(None), Silence.offer_id == offer_id),
-        or_(Silence.affiliate_id.is_(None), Silence.affiliate_id == affiliate_id),
-        Silence.starts_at <= at, Silence.ends_at > at,
-    )).all()
+    rows = conn.execute(_ACTIVE_FOR, {"trigger": trigger_id, "offer": offer_id, "affiliate": affiliate_id,
+                                      "at": at}).all()
     return matching((SilenceRule(*row) for row in rows), trigger_id, offer_id, affiliate_id, at)
 
 
 RULE_COLUMNS = (Silence.id, Silence.trigger_id, Silence.offer_id, Silence.affiliate_id, Silence.starts_at,
                 Silence.ends_at, Silence.reason)
+# Built once: the action_runner asks for every event it acts on.
+_ACTIVE_FOR = select(*RULE_COLUMNS).where(
+    or_(Silence.trigger_id.is_(None), Silence.trigger_id == bindparam("trigger")),
+    or_(Silence.offer_id.is_(None), Silence.offer_id == bindparam("offer")),
+    or_(Silence.affiliate_id.is_(None), Silence.affiliate_id == bindparam("affiliate")),
+    Silence.starts_at <= bindparam("at"), Silence.ends_at > bindparam("at"),
+)
 
 
 def all_rules(conn: Connection) -> list[SilenceRule]:

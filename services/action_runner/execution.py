@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
 
-from sqlalchemy import BigInteger, Connection, Integer, and_, cast, column, func, or_, select, update
+from sqlalchemy import BigInteger, Connection, Integer, Text, and_, bindparam, cast, column, func, or_, select, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import DBAPIError
 
@@ -44,7 +45,7 @@ from shared.events import (
 from shared.handling import Delivery, RetryableError
 from shared.hasoffers import HasOffersClient
 from shared.settings import Settings
-from shared.sql import array
+from shared.sql import array_literal
 from shared.vocabulary import EMAIL_KINDS
 
 logger = logging.getLogger(__name__)
@@ -61,13 +62,20 @@ class RunResult:
     reason: str = ""
 
 
+# The statements of every event, built once: building a statement costs more CPU than
+# running it (SQLAlchemy's cache keys them by structure, and memoizes a statement's key).
+_EVENT_FACTS = (
+    select(Trigger.metric_key, Offer.name, Offer.require_approval, Offer.id.is_not(None), TriggerEvent.created_at)
+    .select_from(TriggerEvent).join(Trigger, Trigger.id == TriggerEvent.trigger_id)
+    .outerjoin(Offer, Offer.id == TriggerEvent.offer_id).where(TriggerEvent.id == bindparam("event"))
+)
+
+
 def event_facts(conn: Connection, event_id: str, event: TriggerEventMessage) -> tuple[EventFacts, datetime]:
     """What every operation of the event needs besides the event (its metric and offer),
     and when the event was recorded."""
     metric, offer, require_approval, known, created_at = conn.execute(
-        select(Trigger.metric_key, Offer.name, Offer.require_approval, Offer.id.is_not(None), TriggerEvent.created_at)
-        .select_from(TriggerEvent).join(Trigger, Trigger.id == TriggerEvent.trigger_id)
-        .outerjoin(Offer, Offer.id == TriggerEvent.offer_id).where(TriggerEvent.id == event.trigger_event_id)).one()
+        _EVENT_FACTS, {"event": event.trigger_event_id}).one()
     return EventFacts(event_id=event_id, event=event, metric=metric,
                       offer=OfferInfo(name=offer, require_approval=require_approval) if known else None), created_at
 
@@ -97,11 +105,14 @@ def claim(conn: Connection, run_ids: list[int], settings: Settings) -> tuple[lis
     crashing its process gives up after KPI_RETRY_LIMIT + 1 attempts."""
     if not run_ids:
         return [], set()
-    run = column("id", BigInteger())
-    locked = set(conn.scalars(
-        select(run).select_from(func.unnest(array(run_ids, BigInteger())).alias("id"))
-        .where(func.pg_try_advisory_lock(*run_lock_key(run)))))
+    locked = set(conn.scalars(_TRY_LOCKS, {"ids": array_literal(run_ids)}))
     return (_claim(conn, sorted(locked), settings) if locked else []), locked
+
+
+_RUN = column("id", BigInteger())
+_RUN_IDS = func.unnest(cast(bindparam("ids", type_=Text()), ARRAY(BigInteger()))).alias("id")
+_TRY_LOCKS = select(_RUN).select_from(_RUN_IDS).where(func.pg_try_advisory_lock(*run_lock_key(_RUN)))
+_UNLOCK = select(func.count(func.pg_advisory_unlock(*run_lock_key(_RUN)))).select_from(_RUN_IDS)
 
 
 def run_claimed(conn: Connection, run_ids: list[int], claimed: list, locked: set[int], facts: EventFacts,
@@ -127,23 +138,26 @@ def run_claimed(conn: Connection, run_ids: list[int], claimed: list, locked: set
 
 def _claim(conn: Connection, run_ids: list[int], settings: Settings) -> list:
     """Count an attempt of every claimed run still to do; their rows with their operation's."""
-    r, o = OperationRun.__table__.c, Operation.__table__.c
-    return list(conn.execute(
-        update(OperationRun.__table__)
-        .where(r.id.in_(run_ids), r.status == "pending", r.digest_id.is_(None), o.id == r.operation_id)
-        .values(attempts=r.attempts + (0 if settings.actions_dry_run else 1),
-                started_at=func.coalesce(r.started_at, func.clock_timestamp()))
-        .returning(r.id, r.trigger_event_id, r.action_id, r.operation_id, r.kind, r.attempts, r.repeat,
-                   r.decided_at, r.cap_granted_at, o.subject, o.body, o.digest_minutes)
-    ).all())
+    return list(conn.execute(_CLAIM, {"ids": run_ids, "step": 0 if settings.actions_dry_run else 1}).all())
+
+
+_r, _o = OperationRun.__table__.c, Operation.__table__.c
+_CLAIM = (
+    update(OperationRun.__table__)
+    .where(_r.id.in_(bindparam("ids", expanding=True)), _r.status == "pending", _r.digest_id.is_(None),
+           _o.id == _r.operation_id)
+    .values(attempts=_r.attempts + bindparam("step", type_=Integer()),
+            started_at=func.coalesce(_r.started_at, func.clock_timestamp()))
+    .returning(_r.id, _r.trigger_event_id, _r.action_id, _r.operation_id, _r.kind, _r.attempts, _r.repeat,
+               _r.decided_at, _r.cap_granted_at, _o.subject, _o.body, _o.digest_minutes)
+)
 
 
 def release(conn: Connection, run_ids: list[int]) -> None:
     try:
         conn.rollback()
         if run_ids:
-            conn.execute(select(func.count(func.pg_advisory_unlock(*run_lock_key(column("id", BigInteger())))))
-                         .select_from(func.unnest(array(run_ids, BigInteger())).alias("id")))
+            conn.execute(_UNLOCK, {"ids": array_literal(run_ids)})
         conn.commit()
     except DBAPIError:  # the connection is gone, and the locks with it
         conn.invalidate()
@@ -270,22 +284,22 @@ def _queue_in_digest(conn: Connection, run: RunSpec, facts: EventFacts, digest_m
 
 
 def _finish(conn: Connection, run_id: int, outcome: Outcome, *, last_error: str | None = None) -> None:
-    values = {"status": outcome.status, "detail": outcome.detail[:MAX_ERROR],
-              "started_at": func.coalesce(OperationRun.started_at, func.clock_timestamp()),
-              "finished_at": func.clock_timestamp()}
-    if last_error is not None:
-        values["last_error"] = last_error
-    conn.execute(update(OperationRun).where(OperationRun.id == run_id).values(**values))
+    conn.execute(_FINISH, {"run": run_id, "status": outcome.status, "detail": outcome.detail[:MAX_ERROR],
+                           "last_error": last_error})
+
+
+_FINISH = (
+    update(OperationRun.__table__).where(_r.id == bindparam("run"))
+    .values(status=bindparam("status"), detail=bindparam("detail"),
+            started_at=func.coalesce(_r.started_at, func.clock_timestamp()), finished_at=func.clock_timestamp(),
+            # None keeps the error an earlier attempt recorded
+            last_error=func.coalesce(bindparam("last_error", type_=Text()), _r.last_error))
+)
 
 
 def notices(conn: Connection, envelope: Envelope, event: TriggerEventMessage) -> list[Envelope]:
     """An operation.executed for every final run of the event, the same ids every time."""
-    rows = conn.execute(
-        select(OperationRun.id, OperationRun.action_id, OperationRun.operation_id, OperationRun.kind,
-               OperationRun.status, OperationRun.detail, OperationRun.repeat)
-        .where(OperationRun.trigger_event_id == event.trigger_event_id, OperationRun.status != "pending")
-        .order_by(OperationRun.id)
-    ).all()
+    rows = conn.execute(_FINAL_RUNS, {"event": event.trigger_event_id}).all()
     conn.rollback()  # a read: end its transaction
     return [
         new_event(
@@ -298,6 +312,12 @@ def notices(conn: Connection, envelope: Envelope, event: TriggerEventMessage) ->
         )
         for r in rows
     ]
+
+
+_FINAL_RUNS = (
+    select(_r.id, _r.action_id, _r.operation_id, _r.kind, _r.status, _r.detail, _r.repeat)
+    .where(_r.trigger_event_id == bindparam("event"), _r.status != "pending").order_by(_r.id)
+)
 
 
 def notice_id(trigger_event_id: int, action_id: int, operation_id: int, repeat: int, status: str) -> uuid.UUID:

@@ -21,7 +21,7 @@ from collections import defaultdict
 from collections.abc import Collection, Iterable
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, and_, func, select, tuple_
+from sqlalchemy import Connection, Text, and_, bindparam, func, select, tuple_
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from services.action_runner.decisions import (
@@ -44,10 +44,8 @@ def ensure_runs(conn: Connection, event: TriggerEventMessage, created_at: dateti
     # trigger_states changed in between, their union would run more than either decided.
     # The lock first, in a statement of its own: a statement reads what was committed
     # when it started, which is before it waited for the lock.
-    conn.execute(select(func.pg_advisory_xact_lock(
-        func.hashtextextended(f"action_runner.trigger_event:{event.trigger_event_id}", 0))))
-    decided = conn.execute(select(func.count()).select_from(ActionEvaluation)
-                           .where(ActionEvaluation.trigger_event_id == event.trigger_event_id)).scalar_one()
+    conn.execute(_DECIDING, {"key": f"action_runner.trigger_event:{event.trigger_event_id}"})
+    decided = conn.execute(_DECIDED, {"event": event.trigger_event_id}).scalar_one()
     if decided:
         return runs_of(conn, event.trigger_event_id)
     actions = load_actions(conn, trigger_id=event.trigger_id, status=event.status)
@@ -69,12 +67,25 @@ def ensure_runs(conn: Connection, event: TriggerEventMessage, created_at: dateti
                 fired.append(action)
         evaluations.append({"trigger_event_id": event.trigger_event_id, "action_id": action.id,
                             "fired": evaluation.fired, "reason": evaluation.reason, "episode": evaluation.episode})
-    conn.execute(pg_insert(ActionEvaluation).values(evaluations).on_conflict_do_nothing())
+    conn.execute(_ADD_EVALUATIONS, evaluations)
     if not fired:
         return []
     # No run of the event existed (the evaluations did not): the new ones are all of them.
     return sorted(add_runs(conn, event, [(action, op) for action in fired for op in action.operations], repeat=0,
                            measured_at=event.measured_at, at=created_at))
+
+
+# The statements of every event, built once: building a statement costs more CPU than
+# running it (SQLAlchemy's cache keys them by structure, and memoizes a statement's key).
+_DECIDING = select(func.pg_advisory_xact_lock(func.hashtextextended(bindparam("key", type_=Text()), 0)))
+_DECIDED = select(func.count()).select_from(ActionEvaluation).where(
+    ActionEvaluation.trigger_event_id == bindparam("event"))
+_ADD_EVALUATIONS = pg_insert(ActionEvaluation).on_conflict_do_nothing()
+_ADD_RUNS = (pg_insert(OperationRun).on_conflict_do_nothing(constraint="uq_operation_runs_run")
+             .returning(OperationRun.id, OperationRun.status))
+_ADD_SILENCED_RUNS = (pg_insert(OperationRun).values(finished_at=func.clock_timestamp())
+                      .on_conflict_do_nothing(constraint="uq_operation_runs_run")
+                      .returning(OperationRun.id, OperationRun.status))
 
 
 def add_runs(conn: Connection, event: TriggerEventMessage, runs: Iterable[tuple[ActionRule, OperationRule]], *,
@@ -91,33 +102,23 @@ def add_runs(conn: Connection, event: TriggerEventMessage, runs: Iterable[tuple[
                "detail": f"silenced by {silence.describe()}" if silence else None,
                "silence_id": silence.id if silence else None}
               for action, op in sorted(rows, key=lambda r: (r[0].id, r[1].id))]
-    stmt = pg_insert(OperationRun).values(values)
-    if silence:
-        stmt = pg_insert(OperationRun).values([{**v, "finished_at": func.clock_timestamp()} for v in values])
-    return [tuple(r) for r in conn.execute(  # type: ignore[misc]
-        stmt.on_conflict_do_nothing(constraint="uq_operation_runs_run").returning(OperationRun.id, OperationRun.status))]
+    # One statement for all the rows (executemany through SQLAlchemy's insertmanyvalues).
+    return [tuple(r) for r in conn.execute(_ADD_SILENCED_RUNS if silence else _ADD_RUNS, values)]  # type: ignore[misc]
 
 
 def load_actions(conn: Connection, *, trigger_id: int | None = None, status: str | None = None,
                  action_ids: Collection[int] | None = None) -> list[ActionRule]:
     """Actions with their conditions and operations, in one statement: those with a
     condition (trigger_id, status), or those of `action_ids`, or all."""
-    query = (select(Action.id, Action.name, Action.active, Action.repeat_minutes, ActionCondition.trigger_id,
-                    ActionCondition.trigger_status, Operation.id.label("op_id"), Operation.name.label("op_name"),
-                    Operation.kind, Operation.digest_minutes)
-             .outerjoin(ActionCondition, ActionCondition.action_id == Action.id)
-             .outerjoin(ActionOperation, ActionOperation.action_id == Action.id)
-             .outerjoin(Operation, Operation.id == ActionOperation.operation_id))
+    query, params = _ACTIONS, {}
     if trigger_id is not None:
-        query = query.where(Action.id.in_(
-            select(ActionCondition.action_id).where(ActionCondition.trigger_id == trigger_id,
-                                                    ActionCondition.trigger_status == status)))
+        query, params = _ACTIONS_OF_CONDITION, {"trigger": trigger_id, "status": status}
     if action_ids is not None:
         query = query.where(Action.id.in_(list(action_ids)))
     heads: dict[int, tuple] = {}
     conditions: dict[int, set[Condition]] = defaultdict(set)
     operations: dict[int, dict[int, OperationRule]] = defaultdict(dict)
-    for r in conn.execute(query.order_by(Action.id)):
+    for r in conn.execute(query.order_by(Action.id), params):
         heads.setdefault(r.id, (r.name, r.active, r.repeat_minutes))
         if r.trigger_id is not None:
             conditions[r.id].add(Condition(r.trigger_id, r.trigger_status))
@@ -128,32 +129,44 @@ def load_actions(conn: Connection, *, trigger_id: int | None = None, status: str
             for action_id, (name, active, repeat) in heads.items()]
 
 
+_ACTIONS = (select(Action.id, Action.name, Action.active, Action.repeat_minutes, ActionCondition.trigger_id,
+                   ActionCondition.trigger_status, Operation.id.label("op_id"), Operation.name.label("op_name"),
+                   Operation.kind, Operation.digest_minutes)
+            .outerjoin(ActionCondition, ActionCondition.action_id == Action.id)
+            .outerjoin(ActionOperation, ActionOperation.action_id == Action.id)
+            .outerjoin(Operation, Operation.id == ActionOperation.operation_id))
+_ACTIONS_OF_CONDITION = _ACTIONS.where(Action.id.in_(
+    select(ActionCondition.action_id).where(ActionCondition.trigger_id == bindparam("trigger"),
+                                            ActionCondition.trigger_status == bindparam("status"))))
+
+
 def pair_states(conn: Connection, offer_id: int, affiliate_id: int, trigger_ids: Collection[int]
                 ) -> dict[int, StateOf]:
     if not trigger_ids:
         return {}
-    rows = conn.execute(select(TriggerState.trigger_id, TriggerState.status, TriggerState.since).where(
-        TriggerState.offer_id == offer_id, TriggerState.affiliate_id == affiliate_id,
-        TriggerState.trigger_id.in_(list(trigger_ids))))
+    rows = conn.execute(_PAIR_STATES, {"offer": offer_id, "affiliate": affiliate_id, "triggers": list(trigger_ids)})
     return {t: StateOf(status, since) for t, status, since in rows}
 
 
 def trigger_names(conn: Connection, trigger_ids: Collection[int]) -> dict[int, str]:
     if not trigger_ids:
         return {}
-    return dict(conn.execute(select(Trigger.id, Trigger.name).where(Trigger.id.in_(list(trigger_ids)))).all())
+    return dict(conn.execute(_TRIGGER_NAMES, {"triggers": list(trigger_ids)}).all())
+
+
+_PAIR_STATES = select(TriggerState.trigger_id, TriggerState.status, TriggerState.since).where(
+    TriggerState.offer_id == bindparam("offer"), TriggerState.affiliate_id == bindparam("affiliate"),
+    TriggerState.trigger_id.in_(bindparam("triggers", expanding=True)))
+_TRIGGER_NAMES = select(Trigger.id, Trigger.name).where(Trigger.id.in_(bindparam("triggers", expanding=True)))
 
 
 def claim_episode(conn: Connection, event: TriggerEventMessage, action_id: int, episode: str) -> int:
     """The trigger event that fires the action for its episode: this one if it is the
     first to claim it. A second event completing the same conjunction (the other
     condition's change) finds it claimed and fires nothing: one reject, not two."""
-    claimed = conn.execute(
-        pg_insert(ActionFiring)
-        .values(action_id=action_id, offer_id=event.offer_id, affiliate_id=event.affiliate_id,
-                episode=episode, trigger_event_id=event.trigger_event_id)
-        .on_conflict_do_nothing().returning(ActionFiring.trigger_event_id)
-    ).scalar()
+    claimed = conn.execute(_CLAIM_EPISODE, {
+        "action_id": action_id, "offer_id": event.offer_id, "affiliate_id": event.affiliate_id, "episode": episode,
+        "trigger_event_id": event.trigger_event_id}).scalar()
     if claimed is not None:
         return claimed
     owner = conn.execute(
@@ -167,11 +180,15 @@ def claim_episode(conn: Connection, event: TriggerEventMessage, action_id: int, 
     return owner
 
 
+_CLAIM_EPISODE = pg_insert(ActionFiring).on_conflict_do_nothing().returning(ActionFiring.trigger_event_id)
+
+
 def runs_of(conn: Connection, trigger_event_id: int) -> list[tuple[int, str]]:
-    return [tuple(r) for r in conn.execute(  # type: ignore[misc]
-        select(OperationRun.id, OperationRun.status)
-        .where(OperationRun.trigger_event_id == trigger_event_id).order_by(OperationRun.id)
-    )]
+    return [tuple(r) for r in conn.execute(_RUNS_OF, {"event": trigger_event_id})]  # type: ignore[misc]
+
+
+_RUNS_OF = (select(OperationRun.id, OperationRun.status)
+            .where(OperationRun.trigger_event_id == bindparam("event")).order_by(OperationRun.id))
 
 
 # -- reminders -----------------------------------------------------------------------------

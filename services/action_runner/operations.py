@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection, bindparam, func, select
 
 from services.action_runner.mailer import Mail, Mailer, MailRejectedError, clean_recipients
 from services.action_runner.templates import MacroValues, format_number, html_to_text, render_html, render_subject
@@ -123,19 +123,21 @@ def send_mail(conn: Connection, run: RunSpec, facts: EventFacts, mailer: Mailer,
     return Outcome("succeeded", "sent to " + ", ".join(usable) + (f"; {note}" if note else "") + ignored)
 
 
+# Built once (every email run reads its recipients).
+_AFFILIATE_USERS = (select(AffiliateUser.email)
+                    .where(AffiliateUser.affiliate_id == bindparam("affiliate"),
+                           func.lower(AffiliateUser.status) == "active")
+                    .order_by(AffiliateUser.id))
+_ADMINISTRATORS = select(Administrator.email).where(Administrator.active).order_by(Administrator.id)
+
+
 def recipients(conn: Connection, kind: str, affiliate_id: int) -> tuple[list[str | None], str | None]:
     """The addresses an email operation goes to, or none and the reason why."""
     if kind == "email_affiliate":
-        rows = conn.execute(
-            select(AffiliateUser.email)
-            .where(AffiliateUser.affiliate_id == affiliate_id, func.lower(AffiliateUser.status) == "active")
-            .order_by(AffiliateUser.id)
-        ).scalars().all()
+        rows = conn.execute(_AFFILIATE_USERS, {"affiliate": affiliate_id}).scalars().all()
         return list(rows), f"affiliate {affiliate_id} has no active user"
     if kind == "email_administrators":
-        rows = conn.execute(
-            select(Administrator.email).where(Administrator.active).order_by(Administrator.id)
-        ).scalars().all()
+        rows = conn.execute(_ADMINISTRATORS).scalars().all()
         return list(rows), "there is no active administrator"
     # email_affiliate_manager
     manager_id = conn.execute(
