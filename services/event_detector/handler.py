@@ -26,6 +26,7 @@ from collections import defaultdict
 from collections.abc import Collection
 from datetime import datetime, timezone
 
+from pydantic import AwareDatetime, TypeAdapter
 from sqlalchemy import BigInteger, Double, Integer, Text, and_, any_, func, literal, or_, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.engine import Connection, Engine
@@ -34,7 +35,7 @@ from services.event_detector.machine import NO_STATE, Change, PairState, Reading
 from shared.batch import split_batch
 from shared.db import TZ, Trigger, TriggerCheck, TriggerEvent, TriggerState
 from shared.events import (
-    MAX_CHECKS, TRIGGER_EVENT_TYPES, CheckItem, Envelope, TriggerEventMessage, new_event, stable_event_id,
+    MAX_CHECKS, SCHEMA_VERSION, TRIGGER_EVENT_TYPES, CheckItem, Envelope, stable_event_id,
 )
 from shared.handling import Delivery, HandlerResult
 from shared.sql import array, transaction, unnest
@@ -83,7 +84,8 @@ def handle_trigger_checked(envelope: Envelope, delivery: Delivery | None = None,
         write_states(conn, states, stored, previous_statuses, changes)
         new_events = record_changes(conn, changes, str(envelope.event_id))
         rows = load_events(conn, sorted(known), str(envelope.event_id))
-    events = [_event_message(envelope, row) for row in rows]
+    now = datetime.now(timezone.utc)
+    events = [_event_message(envelope, row, now) for row in rows]
     logger.info(
         "detected event_id=%s checks=%d invalid=%d pairs=%d states_written=%d changes=%d new_events=%d "
         "published=%d",
@@ -286,13 +288,28 @@ def load_events(conn: Connection, check_ids: list[int], source_event_id: str) ->
     ))
 
 
-def _event_message(envelope: Envelope, row) -> Envelope:
-    data = TriggerEventMessage(
-        trigger_event_id=row.id, trigger_id=row.trigger_id, trigger_name=row.name, offer_id=row.offer_id,
-        affiliate_id=row.affiliate_id, previous_status=row.previous_status, status=row.status, value=row.value,
-        threshold=row.threshold, measured_at=row.measured_at, check_id=row.check_id,
+def _event_message(envelope: Envelope, row, now: datetime) -> Envelope:  # noqa: ANN001 (a result row)
+    """trigger.event.<status> of a recorded change, the same id on every delivery.
+
+    Built as a plain dict in TriggerEventMessage's JSON form, without validation: these are
+    our own rows (the consumer validates). Two pydantic models per event cost more than
+    the rest of a first load's handling, where every other check is a change."""
+    data = {
+        "trigger_event_id": row.id, "trigger_id": row.trigger_id, "trigger_name": row.name,
+        "offer_id": row.offer_id, "affiliate_id": row.affiliate_id, "previous_status": row.previous_status,
+        "status": row.status, "value": row.value, "threshold": row.threshold,
+        "measured_at": _json_datetime(row.measured_at), "check_id": row.check_id,
+    }
+    return Envelope.model_construct(
+        event_id=stable_event_id("trigger_event", row.id), type=TRIGGER_EVENT_TYPES[row.status],
+        schema_version=SCHEMA_VERSION, occurred_at=now, correlation_id=envelope.correlation_id,
+        causation_id=str(envelope.event_id), data=data,
     )
-    return new_event(
-        TRIGGER_EVENT_TYPES[row.status], data, correlation_id=envelope.correlation_id,
-        causation_id=str(envelope.event_id), event_id=stable_event_id("trigger_event", row.id),
-    )
+
+
+def _json_datetime(value: datetime) -> str:
+    """A timestamp exactly as pydantic writes an AwareDatetime field."""
+    return _AWARE_DATETIME.dump_python(value, mode="json")
+
+
+_AWARE_DATETIME: TypeAdapter[datetime] = TypeAdapter(AwareDatetime)

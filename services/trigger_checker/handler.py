@@ -259,7 +259,8 @@ def _record_checks(conn: Connection, checks: list[Check], skipped: list[tuple[Tr
             .on_conflict_do_nothing(index_elements=["trigger_id", "offer_id", "affiliate_id", "measured_at"])
             .returning(c.id, c.trigger_id, c.offer_id, c.affiliate_id, c.measured_at)
         )
-        inserted = {(t, o, a, m): check_id for check_id, t, o, a, m in conn.execute(stmt)}
+        # .all(): one fetchall (iterating the result itself fetches row by row)
+        inserted = {(t, o, a, m): check_id for check_id, t, o, a, m in conn.execute(stmt).all()}
     found = []
     earlier = []
     for check in checks:
