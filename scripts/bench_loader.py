@@ -7,13 +7,17 @@ one (offer, affiliate) pair per report row. Measured, best of --repeat:
 - baseline: just reading the report (Report.getStats, every page) with the client;
 - loader: the metric_loader handler (read, compute, record the run, build the batches)
   plus publishing the batches with confirms to a throw-away exchange.
-Prints rows/s for both and their ratio. Needs the local PostgreSQL and RabbitMQ; creates
-and drops its own database and exchange.
+Prints rows/s for both and their ratio, and the loader's peak memory: this process's
+peak RSS over a load, less its RSS before it (the fake serves from a process of its own).
+With `--rows 1000000` that is what a million-row report costs: its pages are read one at a
+time (the client yields rows page by page), the per-pair sums and the values are what stay.
+Needs the local PostgreSQL and RabbitMQ; creates and drops its own database and exchange.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import multiprocessing
 import statistics
 import sys
@@ -54,6 +58,25 @@ def serve_fake(port: int, rows: int, ready: multiprocessing.Event) -> None:  # t
         time.sleep(3600)
 
 
+def _status_mb(field: str) -> float:
+    for line in open("/proc/self/status").read().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field}")
+
+
+def peak_rss_mb() -> float:
+    return _status_mb("VmHWM")
+
+
+def reset_peak_rss() -> float:
+    """Start VmHWM afresh at the current RSS (Linux: clear_refs 5); the current RSS."""
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+    return _status_mb("VmRSS")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=100_000)
@@ -92,13 +115,14 @@ def main() -> int:
         warm = read_only()  # the fake aggregates each query once, then serves pages from memory
         assert warm == args.rows, f"the report has {warm} rows, expected {args.rows}"
 
-        baseline, loads, publishes, values = [], [], [], 0
+        baseline, loads, publishes, values, peaks = [], [], [], 0, []
         for _ in range(args.repeat):
             began = time.perf_counter()
             read_only()
             baseline.append(time.perf_counter() - began)
 
             request = new_event(METRIC_LOAD_REQUESTED, MetricLoadRequested(metric_key="cr", lookback_hours=24))
+            before = reset_peak_rss()
             began = time.perf_counter()
             result = handle_load_requested(request, engine=engine, client=client, config=config)
             handled = time.perf_counter()
@@ -107,6 +131,7 @@ def main() -> int:
                 result.after_publish()  # as the consumer does: the run is marked succeeded
             done = time.perf_counter()
             loads.append(done - began)
+            peaks.append(peak_rss_mb() - before)
             publishes.append(done - handled)
             values = sum(len(e.data["metrics"]) for e in result.events)
             bus.channel.queue_purge(queue_names(exchange, "trigger_checker").work)
@@ -118,6 +143,8 @@ def main() -> int:
         print(f"loader (read+publish):  {best_load:6.2f} s  {args.rows / best_load:10,.0f} rows/s"
               f"   (of which publishing {statistics.median(publishes):.2f} s)")
         print(f"ratio loader/baseline:  {best_load / best_read:6.2f}x")
+        print(f"loader peak memory:     {max(peaks):6.0f} MB over its RSS before the load "
+              f"({peak_rss_mb():.0f} MB peak RSS of this process in all)")
         return 0
     finally:
         if client is not None:
