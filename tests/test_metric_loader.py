@@ -438,3 +438,32 @@ def test_an_invalid_load_request_is_dead_lettered_and_loads_nothing(loader, bus,
     with db.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM load_runs")).scalar() == 0
     assert fake.requests("Report.getStats") == 0
+
+
+def test_the_failed_retried_and_dead_letter_counters_count_a_load_that_gives_up(start_service, loader_env, bus,
+                                                                                exchange, db, fake):
+    import httpx
+
+    from testkit.ports import free_port
+
+    port = free_port()
+    start_service("metric_loader", **loader_env, HASOFFERS_MAX_ATTEMPTS="1", KPI_RETRY_LIMIT="1",
+                  KPI_METRICS_PORT=str(port))
+    run_of(db, request(bus, "reference"))
+    fake.inject("http_500", count=100, method="Report.getStats")
+    assert run_of(db, request(bus, "pacc")).status == "failed"
+    wait_for(lambda: queue_depth(queue_names(exchange, "metric_loader").dead) == 1, what="the dead letter")
+
+    def counters():
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        found = {}
+        for name in ("kpi_messages_failed_total", "kpi_message_retries_total", "kpi_messages_dead_lettered_total"):
+            line = next((l for l in text.splitlines() if l.startswith(f'{name}{{service="metric_loader"}}')), None)
+            found[name] = float(line.rsplit(" ", 1)[1]) if line else 0.0
+        return found
+
+    # The first attempt raised and went to the retry queue; the second, the last, gave up.
+    expected = {"kpi_messages_failed_total": 1.0, "kpi_message_retries_total": 1.0,
+                "kpi_messages_dead_lettered_total": 1.0}
+    wait_for(lambda: counters() == expected, what="the counters")
+    assert counters() == expected
