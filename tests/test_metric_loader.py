@@ -467,3 +467,31 @@ def test_the_failed_retried_and_dead_letter_counters_count_a_load_that_gives_up(
                 "kpi_messages_dead_lettered_total": 1.0}
     wait_for(lambda: counters() == expected, what="the counters")
     assert counters() == expected
+
+
+def test_a_failed_load_runs_again_through_kpi_dead_replay(start_service, loader_env, service_env, bus, exchange, db,
+                                                          fake):
+    import os
+    import subprocess
+    import sys
+
+    from tests.support import ROOT
+
+    start_service("metric_loader", **loader_env, HASOFFERS_MAX_ATTEMPTS="1", KPI_RETRY_LIMIT="0")
+    run_of(db, request(bus, "reference"))
+    fake.inject("http_500", count=100, method="Report.getStats")
+    event_id = request(bus, "pacc")
+    assert run_of(db, event_id).status == "failed"
+    dead = queue_names(exchange, "metric_loader").dead
+    wait_for(lambda: queue_depth(dead) == 1, what="the dead letter")
+    fake.clear_faults()  # the cause is fixed
+
+    replay = subprocess.run([sys.executable, "-m", "shared.cli", "dead", "replay", "metric_loader"], cwd=ROOT,
+                            env={**os.environ, **service_env}, capture_output=True, text=True, timeout=60)
+    assert replay.returncode == 0 and "replayed 1 message(s)" in replay.stdout, replay.stderr
+    run = run_of(db, event_id, statuses=("succeeded",))
+    assert run.error is None and run.values_published > 0
+    assert queue_depth(dead) == 0
+    with db.connect() as conn:  # the same run, loaded again, not a second one
+        assert conn.execute(text("SELECT count(*) FROM load_runs WHERE metric_key = 'pacc'")).scalar() == 1
+    assert {m["correlation_id"] for m in loaded(exchange)} == {str(run.id)}
