@@ -203,3 +203,35 @@ def test_the_schedule_claims_each_slot_once_and_publishes_until_it_went_out(db):
         assert (str(event.event_id), event.correlation_id) == (run.request_event_id, str(run.id))
         assert (event.data["metric_key"], event.data["lookback_hours"]) == (run.metric_key, 12)
         assert run.status == "requested" and run.schedule_slot.timestamp() % 60 == 0
+
+
+# -- the report's offer filter and the id bound ----------------------------------------------------
+
+
+def _offers(n: int) -> dict[int, OfferSettings]:
+    return {i: OfferSettings(offer_id=i, min_clicks=0, min_conversions=0) for i in range(1, n + 1)}
+
+
+def test_up_to_500_offers_are_filtered_on_the_server_and_more_are_dropped_here():
+    period = {"Stat.date": {"conditional": "BETWEEN", "values": ["2026-11-01", "2026-11-01"]}}
+    few = computation.report_params("cr", period, _offers(computation.OFFER_FILTER_LIMIT))
+    assert few["filters"]["Stat.offer_id"]["values"] == [str(i) for i in range(1, 501)]
+    many_offers = _offers(computation.OFFER_FILTER_LIMIT + 1)
+    many = computation.report_params("cr", period, many_offers)
+    assert "Stat.offer_id" not in many["filters"]  # the request would be huge: every offer comes back
+    del many_offers[7]  # monitoring off: its rows come back unfiltered and are dropped here
+    totals = Totals(sums={})
+    rows = [{"offer_id": str(o), "affiliate_id": "3", "clicks": "10", "conversions": "1"} for o in (6, 7, 8, 999)]
+    computation.accumulate(totals, "cr", rows, many_offers)
+    assert totals.rows == 4
+    assert sorted(totals.sums) == [(6, 3), (8, 3)]
+
+
+def test_ids_above_the_int4_range_are_dropped_not_stored():
+    bound = 2**31 - 1
+    offers = {o: OfferSettings(offer_id=o, min_clicks=0, min_conversions=0) for o in (1, bound, bound + 1)}
+    rows = [{"offer_id": str(o), "affiliate_id": str(a), "clicks": "10", "conversions": "1"}
+            for o, a in [(1, 5), (bound, bound), (bound + 1, 5), (1, bound + 1), (1, 0)]]
+    totals = Totals(sums={})
+    computation.accumulate(totals, "cr", rows, offers)
+    assert sorted(totals.sums) == [(1, 5), (bound, bound)]
