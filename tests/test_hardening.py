@@ -220,19 +220,21 @@ def test_checks_of_deleted_triggers_are_dead_lettered_with_a_short_header(db, bu
     wait_for(lambda: queue_depth(queue_names(exchange, "event_detector").work) == 0
              and "message handled" in detector.log(), what="the checks handled")
     with db.connect() as conn:
-        checks = conn.execute(text("SELECT id, trigger_id, offer_id, affiliate_id FROM trigger_checks")).all()
+        checks = conn.execute(text("SELECT id, trigger_id, offer_id, affiliate_id, measured_at FROM trigger_checks")).all()
     assert len(checks) == 2000
     survivor = trigger(db, "low CR", threshold=0.6)  # a trigger the operator keeps
     bus.publish(new_event(METRIC_LOADED, {"metrics": [item(offer_id=99, value=0.5)]}))
     wait_for(lambda: detector.log().count("message handled") == 2, what="the survivor's check")
     with db.connect() as conn:
-        kept = conn.execute(text("SELECT id FROM trigger_checks WHERE trigger_id = :t"), {"t": survivor}).scalar_one()
+        kept = conn.execute(text("SELECT id, measured_at FROM trigger_checks WHERE trigger_id = :t"),
+                            {"t": survivor}).one()
     detector.terminate()
     # An operator deletes both triggers while a trigger.checked naming their checks waits.
     items = [{"check_id": c.id, "trigger_id": c.trigger_id, "trigger_name": "x", "metric_key": "cr",
               "offer_id": c.offer_id, "affiliate_id": c.affiliate_id, "value": 0.5, "operator": "lt",
-              "threshold": 0.1, "status": "OK", "measured_at": NOW.isoformat()} for c in checks]
-    items.append({**items[0], "check_id": kept, "trigger_id": survivor, "offer_id": 99, "affiliate_id": 1})
+              "threshold": 0.1, "status": "OK", "measured_at": c.measured_at.isoformat()} for c in checks]
+    items.append({**items[0], "check_id": kept.id, "trigger_id": survivor, "offer_id": 99, "affiliate_id": 1,
+                  "measured_at": kept.measured_at.isoformat()})
     with db.begin() as conn:
         conn.execute(text("DELETE FROM triggers WHERE id IN (:a, :b)"), {"a": first, "b": second})
     message = new_event(TRIGGER_CHECKED, {"checks": items})
