@@ -190,12 +190,14 @@ def test_a_service_process_runs_with_its_own_user_and_role(world, tmp_path):
                                  tmp_path).start(timeout=60)
         try:
             measured = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+            detector, checker = queue_names(exchange, "event_detector"), queue_names(exchange, "trigger_checker")
+            # The module's other tests share this exchange and may have left messages in both queues.
+            before = queue_depth(detector.work), queue_depth(checker.dead)
             with Bus(AMQP_URL, exchange).connect() as admin:
                 admin.publish(new_event("metric.loaded", {"metrics": [
                     {"metric_key": "cr", "offer_id": 1, "affiliate_id": 2, "value": 0.001, "measured_at": measured}]}))
                 admin.publish_raw("metric.loaded", b"not json", message_id="bad", type="metric.loaded")
-            detector, checker = queue_names(exchange, "event_detector"), queue_names(exchange, "trigger_checker")
-            wait_for(lambda: queue_depth(detector.work) >= 1 and queue_depth(checker.dead) >= 1, 60,
+            wait_for(lambda: queue_depth(detector.work) > before[0] and queue_depth(checker.dead) > before[1], 60,
                      what="trigger.checked published and the bad message dead-lettered")
             with owner.connect() as conn:
                 assert conn.scalar(text("SELECT count(*) FROM trigger_checks")) >= 1
