@@ -17,10 +17,11 @@ logger = logging.getLogger(__name__)
 
 SERVICE = "action_runner"
 CONSUMES = "trigger.event.*"
-# Events handled at once (KPI_WORKERS overrides): a run spends most of its time waiting on
-# the SMTP server, HasOffers or a commit, and replicas already run side by side safely
-# (claims are advisory locks, decisions serialised per event).
-WORKERS = 4
+# Events handled at once (KPI_WORKERS overrides). One by default: a kill -9 then repeats
+# at most one side effect (the send in flight). More workers overlap the waits on SMTP,
+# HasOffers and commits and are as safe as replicas, but a crash may repeat one side
+# effect per worker sending at that moment.
+WORKERS = 1
 
 
 def main() -> int:
